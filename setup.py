@@ -16,7 +16,7 @@ for key in "version description keywords author author_email".split():
 
 licenses = {"apache2": ("Apache Software License 2.0", "OSI Approved :: Apache Software License")}
 statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Production/Stable"]
-py_versions = "3.10 3.11 3.12 3.13".split()
+py_versions = "3.11 3.12 3.13".split()
 
 requirements = shlex.split(cfg.get("requirements", ""))
 dev_requirements = shlex.split(cfg.get("dev_requirements", ""))
