@@ -262,7 +262,7 @@ class Climatology:
         if not 0 <= window_days < DAYS_IN_YEAR // 2: raise ValueError(f"window_days must be in [0, {DAYS_IN_YEAR // 2}); got {window_days}")
         times = pd.DatetimeIndex(fields["time"].values)
         hours = sorted(set(times.hour))
-        doy, slot = times.dayofyear.values - 1, np.searchsorted(hours, times.hour.values)
+        doy, slot = times.day_of_year.values - 1, np.searchsorted(hours, times.hour.values)
         key = torch.as_tensor(doy * len(hours) + slot)                                   # (T,) cell of each time
         n_cells, point_shape = DAYS_IN_YEAR * len(hours), tuple(fields.shape[1:])       # (C, H, W)
         sums = torch.zeros(n_cells, math.prod(point_shape), dtype=torch.float64)
@@ -283,7 +283,7 @@ class Climatology:
         unknown = sorted(set(times.hour) - set(self.hours))
         if unknown: raise ValueError(f"the climatology has no hour(s) {unknown}; it was fitted on hours {self.hours}")
         slot = np.searchsorted(self.hours, times.hour.values)
-        return self.values[torch.as_tensor(times.dayofyear.values - 1), torch.as_tensor(slot)]
+        return self.values[torch.as_tensor(times.day_of_year.values - 1), torch.as_tensor(slot)]
 
     def __repr__(self): return f"Climatology(hours={self.hours}, window_days=±{self.window_days}, shape={tuple(self.values.shape)})"
 
@@ -315,7 +315,7 @@ def _bilinear(field: np.ndarray, lat_index: np.ndarray, lon_index: np.ndarray) -
 def _toy_climatology(lat, lon, times, land):
     "Forced climatology of t2m (K) and z500 (m² s⁻²) at `times`: (T, H, W) each."
     phi = np.deg2rad(lat)[None, :, None]                                              # (1, H, 1)
-    season = np.cos(2 * np.pi * (times.dayofyear.values - 15) / 365.25)[:, None, None]  # +1 mid-January
+    season = np.cos(2 * np.pi * (times.day_of_year.values - 15) / 365.25)[:, None, None]  # +1 mid-January
     local_hour = (times.hour.values[:, None, None] + lon[None, None, :] / 15) % 24    # local solar time
     diurnal = np.cos(2 * np.pi * (local_hour - 15) / 24)                               # warmest at 15 h local
     t2m = (300 - 45 * np.sin(phi) ** 2 - 12 * np.sin(phi) * season * (1 + land)
@@ -334,8 +334,8 @@ def _toy_anomalies(n_steps: int, lat, lon, times, rng, substeps: int = 3, spinup
     psi, temp = np.zeros((n_lat, n_lon)), np.zeros((n_lat, n_lon))
     rows, cols = np.arange(n_lat)[:, None], np.arange(n_lon)[None, :]
     out_psi, out_temp = np.empty((n_steps, n_lat, n_lon)), np.empty((n_steps, n_lat, n_lon))
-    season_all = np.r_[np.full(spinup_steps, np.cos(2 * np.pi * (times[0].dayofyear - 15) / 365.25)),
-                       np.cos(2 * np.pi * (times.dayofyear.values - 15) / 365.25)]
+    season_all = np.r_[np.full(spinup_steps, np.cos(2 * np.pi * (times[0].day_of_year - 15) / 365.25)),
+                       np.cos(2 * np.pi * (times.day_of_year.values - 15) / 365.25)]
     for step in range(spinup_steps + n_steps):
         amplitude = 1 + 0.4 * np.sin(phi) * season_all[step]                              # stronger in winter
         for _ in range(substeps):
@@ -482,7 +482,7 @@ def time_features(times) -> torch.Tensor:
     times = np.asarray(times, dtype="datetime64[ns]")
     flat = pd.DatetimeIndex(times.ravel())
     hour = 2 * np.pi * (flat.hour.values + flat.minute.values / 60) / 24
-    year = 2 * np.pi * (flat.dayofyear.values - 1) / 365.25
+    year = 2 * np.pi * (flat.day_of_year.values - 1) / 365.25
     feats = np.stack([np.sin(hour), np.cos(hour), np.sin(year), np.cos(year)], -1).astype(np.float32)
     return torch.as_tensor(feats).view(*times.shape, 4)
 
