@@ -74,6 +74,7 @@ class Denoiser:
         self.chunk_rows = chunk_rows
         self.clamp = _clamp_range(clamp)
         self.calls, self._tiled, self._first_bad = [], {}, None    # host list of t per call; tiled conds; first bad call (device)
+        self.shared = bool(getattr(model, "shared_cond", False)) and cond is not None   # model takes cond per window and a 0-d t
 
     def tiled_cond(self, rows: int):
         "cond repeated to `rows` rows (sample-major), cached per size."
@@ -101,7 +102,9 @@ def __call__(self: Denoiser, x: torch.Tensor, point: GridPoint) -> tuple[torch.T
     outs = []
     for start in range(0, rows, step):
         xc = x[start:start + step]
-        out = self.model(xc, torch.full((xc.shape[0],), point.t, device=x.device, dtype=t_dtype), self.tiled_cond(xc.shape[0]))
+        if self.shared:                                                    # cond per window, one time for all rows
+            out = self.model(xc, torch.tensor(point.t, device=x.device, dtype=t_dtype), self.cond)
+        else: out = self.model(xc, torch.full((xc.shape[0],), point.t, device=x.device, dtype=t_dtype), self.tiled_cond(xc.shape[0]))
         if out.shape != xc.shape:
             raise ValueError(f"model output shape {tuple(out.shape)} does not match its input x_t {tuple(xc.shape)}")
         outs.append(out.to(x.dtype))

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..core import Registry
 from .layers import (MLP, AdaLNModulation, AdaLNZeroBlock, CrossAttentionBlock, FiLM, TimestepEmbedder,
-                                       check_shape, count_parameters, modulate)
+                                       add_rows, check_shape, count_parameters, modulate, tile_rows)
 
 # %% auto #0
 __all__ = ['DENOISERS', 'read_cond', 'read_time', 'read_inputs', 'ConditionEmbedder', 'ResBlock1D', 'UNetStage', 'UNet1DDenoiser',
@@ -22,15 +22,16 @@ __all__ = ['DENOISERS', 'read_cond', 'read_time', 'read_inputs', 'ConditionEmbed
 
 # %% ../../nbs/22_models.denoisers.ipynb #8fd47907
 def read_cond(cond, x_t: torch.Tensor, d_cond: int, use_y_det: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    "(z (B, N, d_cond), y_det (B, H, N) or None) from `cond` (a tensor z or a dict with 'z' and optionally 'y_det'), checked against x_t (B, H, N)."
-    B, H, N = x_t.shape
+    "(z (B, N, d_cond), y_det (B, H, N) or None) from `cond` (a tensor z or a dict with 'z' and optionally 'y_det'), checked against x_t (n·B, H, N)."
+    R, H, N = x_t.shape
     if isinstance(cond, dict):
         unknown = set(cond) - {"z", "y_det"}
         if unknown or "z" not in cond: raise ValueError(f"cond dict must have key 'z' and optionally 'y_det'; got keys {sorted(cond)}")
         z, y_det = cond["z"], cond.get("y_det")
     else: z, y_det = cond, None
     if z is None: raise ValueError("cond is required: the encoder's variate tokens z (B, N, d_cond) (or a dict {'z': z, 'y_det': y_det})")
-    check_shape(z, "cond z", (B, N, d_cond), "(B, N, d_cond)")
+    B = z.shape[0] if isinstance(z, torch.Tensor) and z.ndim and z.shape[0] and R % z.shape[0] == 0 else R
+    check_shape(z, "cond z", (B, N, d_cond), "(B, N, d_cond)")                  # one condition per window; x_t may hold n samples of each
     if use_y_det:
         if y_det is None: raise ValueError("this denoiser was built with use_y_det=True: pass cond={'z': z, 'y_det': y_det (B, H, N)}")
         check_shape(y_det, "cond y_det", (B, H, N), "(B, H, N)")
@@ -38,13 +39,13 @@ def read_cond(cond, x_t: torch.Tensor, d_cond: int, use_y_det: bool) -> tuple[to
     return z, y_det
 
 def read_time(t: torch.Tensor, batch: int) -> torch.Tensor:
-    "Diffusion times as (B,): a 0-d t is broadcast to the batch."
-    if not isinstance(t, torch.Tensor): raise TypeError(f"t must be a tensor of shape (B,), got {type(t).__name__}")
-    if t.ndim == 0: return t.expand(batch)
+    "Diffusion times as (B,), or (1,) for a 0-d t: one time shared by the whole batch (embedded once, broadcast)."
+    if not isinstance(t, torch.Tensor): raise TypeError(f"t must be a tensor of shape (B,) or 0-d, got {type(t).__name__}")
+    if t.ndim == 0: return t.reshape(1)
     return check_shape(t, "t", (batch,), "(B,)")
 
 def read_inputs(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    "Checked (t (B,), z (B, N, d_cond), y_det (B, H, N) | None) for a denoiser with attributes pred_len, n_vars, d_cond, use_y_det."
+    "Checked (t (n·B,) or (1,), z (B, N, d_cond), y_det (B, H, N) | None) for x_t (n·B, H, N) and a denoiser with attributes pred_len, n_vars, d_cond, use_y_det."
     check_shape(x_t, "x_t", (None, model.pred_len, model.n_vars), "(B, pred_len, N)")
     z, y_det = read_cond(cond, x_t, model.d_cond, model.use_y_det)
     return read_time(t, x_t.shape[0]), z, y_det
@@ -56,7 +57,7 @@ class ConditionEmbedder(nn.Module):
         self.time = TimestepEmbedder(d_model, t_max=t_max)
         self.pool = MLP(d_cond, d_model, d_model, act="silu")
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.time(t) + self.pool(z.mean(dim=1))                  # (B, d_model)
+        return add_rows(self.time(t), self.pool(z.mean(dim=1)))         # (B, d_model), or (n·B, d_model) for per-row t
 
 # %% ../../nbs/22_models.denoisers.ipynb #ebc453a3
 class ResBlock1D(nn.Module):
@@ -91,6 +92,7 @@ class UNetStage(nn.Module):
 # %% ../../nbs/22_models.denoisers.ipynb #d46ec086
 class UNet1DDenoiser(nn.Module):
     "U-Net over the horizon (variates as channels) with FiLM(t, mean z) in every block and cross-attention to z."
+    shared_cond = True          # takes cond per window with x_t holding n samples of each (see `diffusion.samplers.Denoiser`)
     def __init__(self, pred_len: int, n_vars: int, d_cond: int, base_channels: int = 64, channel_mults=(1, 2, 2),
                  n_heads: int = 4, attn_from_level: int = 1, use_y_det: bool = False, t_max: float = 1.0,
                  dropout: float = 0.0, groups: int = 8):
@@ -120,7 +122,7 @@ def forward(self: UNet1DDenoiser, x_t: torch.Tensor, t: torch.Tensor, cond) -> t
     t, z, y_det = read_inputs(self, x_t, t, cond)                           # (B,), (B, N, d_cond), (B, H, N) | None
     B, H, N = x_t.shape
     c = self.cond_embed(t, z)                                               # (B, d_emb)
-    inp = x_t if y_det is None else torch.cat([x_t, y_det.to(x_t.dtype)], dim=-1)   # (B, H, N or 2N)
+    inp = x_t if y_det is None else torch.cat([x_t, tile_rows(y_det.to(x_t.dtype), B)], dim=-1)   # (B, H, N or 2N)
     h = self.in_conv(F.pad(inp.transpose(1, 2), (0, self.padded_len - H)))  # (B, C_0, H_pad): variates as channels
     skips = []
     for level, stage in enumerate(self.down):
@@ -136,6 +138,7 @@ def forward(self: UNet1DDenoiser, x_t: torch.Tensor, t: torch.Tensor, cond) -> t
 # %% ../../nbs/22_models.denoisers.ipynb #97a66568
 class DiTDenoiser(nn.Module):
     "DiT over variate tokens (or variate×patch tokens): AdaLN-Zero on t + pooled z (+ per-variate z_n), self-attention, cross-attention to z."
+    shared_cond = True          # takes cond per window with x_t holding n samples of each (see `diffusion.samplers.Denoiser`)
     def __init__(self, pred_len: int, n_vars: int, d_cond: int, d_model: int = 128, depth: int = 4, n_heads: int = 4,
                  mlp_ratio: float = 4.0, patch_len: int | None = None, per_variate_cond: bool = True,
                  use_y_det: bool = False, t_max: float = 1.0, dropout: float = 0.0):
@@ -186,12 +189,12 @@ def forward(self: DiTDenoiser, x_t: torch.Tensor, t: torch.Tensor, cond) -> torc
     t, z, y_det = read_inputs(self, x_t, t, cond)                            # (B,), (B, N, d_cond), (B, H, N) | None
     B, H, N = x_t.shape
     tokens = self.patchify(x_t)                                              # (B, N, P, p)
-    if y_det is not None: tokens = torch.cat([tokens, self.patchify(y_det.to(x_t.dtype))], dim=-1)   # (B, N, P, 2p)
+    if y_det is not None: tokens = torch.cat([tokens, tile_rows(self.patchify(y_det.to(x_t.dtype)), B)], dim=-1)   # (B, N, P, 2p)
     h = (self.patch_embed(tokens) + self.patch_pos).flatten(1, 2)            # (B, N·P, d): variate-major tokens
-    c = self.cond_embed(t, z)                                                # (B, d): global condition
+    c = self.cond_embed(t, z)                                                # (B_c, d): global condition, B_c = windows for a 0-d t
     if self.variate_cond is not None:
-        c = c[:, None] + self.variate_cond(z)                                # (B, N, d): token n gets its own z_n
-        c = c[:, :, None].expand(B, N, self.n_patches, self.d_model).flatten(1, 2)   # (B, N·P, d)
+        c = add_rows(c[:, None], self.variate_cond(z))                       # (B_c, N, d): token n gets its own z_n
+        c = c[:, :, None].expand(c.shape[0], N, self.n_patches, self.d_model).flatten(1, 2)   # (B_c, N·P, d)
     for block in self.blocks: h = block(h, c, z)                             # (B, N·P, d), cross-attending to z
     shift, scale = self.final_modulation(c)
     out = self.final(modulate(self.final_norm(h), shift, scale))             # (B, N·P, p)

@@ -15,8 +15,9 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'check_shape', 'count_parameters', 'timestep_embedding', 'activation', 'MLP', 'TimestepEmbedder',
-           'RevINStats', 'RevIN', 'MultiHeadAttention', 'BatchNormTokens', 'token_norm', 'TransformerBlock',
-           'CrossAttentionBlock', 'per_token', 'modulate', 'AdaLNModulation', 'AdaLNZeroBlock', 'FiLM']
+           'RevINStats', 'RevIN', 'samples_per_window', 'fold_rows', 'tile_rows', 'add_rows', 'MultiHeadAttention',
+           'BatchNormTokens', 'token_norm', 'TransformerBlock', 'CrossAttentionBlock', 'per_token', 'modulate', 'gate',
+           'AdaLNModulation', 'AdaLNZeroBlock', 'FiLM']
 
 # %% ../../nbs/20_models.layers.ipynb #10f92080
 def check_shape(x: torch.Tensor, name: str, shape: Sequence[int | None], labels: str) -> torch.Tensor:
@@ -117,6 +118,26 @@ def denormalize(self: RevIN, y: torch.Tensor, stats: RevINStats) -> torch.Tensor
     return y * stats.std + stats.mean                                                                        # (B, H, N)
 
 # %% ../../nbs/20_models.layers.ipynb #64867787
+def samples_per_window(rows: int, batch: int) -> int:
+    "n for `rows` = n·`batch` (samples folded into the batch dimension, sample-major); a ValueError otherwise."
+    if batch < 1 or rows % batch:
+        raise ValueError(f"{rows} rows are not a multiple of the condition batch {batch} (rows = n_samples · batch, sample-major)")
+    return rows // batch
+
+def fold_rows(x: torch.Tensor, batch: int) -> torch.Tensor:
+    "x (n·batch, ...) as a view (n, batch, ...), so that a per-window tensor (batch, ...) broadcasts over the n samples; x itself when n = 1."
+    return x if samples_per_window(x.shape[0], batch) == 1 else x.unflatten(0, (-1, batch))
+
+def tile_rows(v: torch.Tensor, rows: int) -> torch.Tensor:
+    "A per-window tensor v (B, ...) repeated sample-major to `rows` = n·B rows (a copy; v itself when it has `rows` rows)."
+    n = samples_per_window(rows, v.shape[0])
+    return v if n == 1 else v.repeat(n, *([1] * (v.ndim - 1)))
+
+def add_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    "a + b where one has n·B rows and the other B (a per-window term shared by the window's n samples): n·B rows."
+    if a.shape[0] < b.shape[0]: a, b = b, a
+    return (fold_rows(a, b.shape[0]) + b).reshape(a.shape[0], *torch.broadcast_shapes(a.shape[1:], b.shape[1:]))
+
 class MultiHeadAttention(nn.Module):
     "Multi-head self-attention (context=None) or cross-attention to `context` (B, L_k, d_context), via scaled_dot_product_attention."
     def __init__(self, d_model: int, n_heads: int, d_context: int | None = None, dropout: float = 0.0, bias: bool = True):
@@ -129,15 +150,18 @@ class MultiHeadAttention(nn.Module):
         self.store_attention, self.attention = False, None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        B, Lq, D = x.shape                                                              # x (B, L_q, d_model)
-        context = x if context is None else context                                     # (B, L_k, d_context)
-        Lk, h = context.shape[1], self.n_heads
-        q = self.to_q(x).view(B, Lq, h, D // h).transpose(1, 2)                         # (B, h, L_q, d_h)
-        k, v = self.to_kv(context).view(B, Lk, 2, h, D // h).permute(2, 0, 3, 1, 4)     # 2 × (B, h, L_k, d_h)
+        R, Lq, D = x.shape                                                              # x (R, L_q, d_model)
+        context = x if context is None else context                                     # (B, L_k, d_context), R = n·B
+        B, Lk, h, dh = context.shape[0], context.shape[1], self.n_heads, D // self.n_heads
+        n = samples_per_window(R, B)                                                    # 1, except n samples per context
+        k, v = self.to_kv(context).view(B, Lk, 2, h, dh).permute(2, 0, 3, 1, 4)         # 2 × (B, h, L_k, d_h)
+        # the n samples of a window read the same keys: fold them into the query axis
+        q = self.to_q(x).view(n, B, Lq, h, dh).permute(1, 3, 0, 2, 4).reshape(B, h, n * Lq, dh)   # (B, h, n·L_q, d_h)
         if self.store_attention:
-            self.attention = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // h), dim=-1).detach()  # (B, h, L_q, L_k)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, h, L_q, d_h)
-        return self.to_out(out.transpose(1, 2).reshape(B, Lq, D))                       # (B, L_q, d_model)
+            attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), dim=-1).detach()          # (B, h, n·L_q, L_k)
+            self.attention = attn.view(B, h, n, Lq, Lk).permute(2, 0, 1, 3, 4).reshape(R, h, Lq, Lk)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, h, n·L_q, d_h)
+        return self.to_out(out.view(B, h, n, Lq, dh).permute(2, 0, 3, 1, 4).reshape(R, Lq, D))      # (R, L_q, d_model)
 
     def extra_repr(self) -> str: return f"d_model={self.d_model}, n_heads={self.n_heads}, d_context={self.d_context}"
 
@@ -183,12 +207,17 @@ class CrossAttentionBlock(nn.Module):
 
 # %% ../../nbs/20_models.layers.ipynb #d4ba5a5c
 def per_token(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    "A per-example vector (B, d) as (B, 1, d) to act on every token of x (B, L, d); per-token (B, L, d) unchanged."
-    return v.unsqueeze(1) if v.ndim == x.ndim - 1 else v
+    "A per-example vector (B, d) as (B, 1, d) to act on every token of x (·, L, d); per-token (B, L, d) unchanged."
+    return v.unsqueeze(-2) if v.ndim == x.ndim - 1 else v
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    "x·(1 + scale) + shift for x (B, L, d) and shift/scale (B, d) (every token) or (B, L, d) (per token)."
-    return x * (1 + per_token(scale, x)) + per_token(shift, x)
+    "x·(1 + scale) + shift for x (n·B, L, d) and shift/scale (B, d) (every token) or (B, L, d) (per token), shared by n samples."
+    out = fold_rows(x, shift.shape[0]) * (1 + per_token(scale, x)) + per_token(shift, x)
+    return out.reshape(x.shape)
+
+def gate(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    "g·y for a residual branch y (n·B, L, d) and its AdaLN gate g (B, d) or (B, L, d), shared by n samples."
+    return (per_token(g, y) * fold_rows(y, g.shape[0])).reshape(y.shape)
 
 class AdaLNModulation(nn.Module):
     "c (..., d_cond) → `n_chunks` modulation vectors (..., d_model) by SiLU → Linear, zero-initialised."
@@ -220,15 +249,16 @@ class AdaLNZeroBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # x (B, L, d_model); c (B, d_cond) or (B, L, d_cond); context (B, L_k, d_context)
+        # (sampling: x may hold n·B rows, n samples per window, sample-major, with c and context per window)
         mods = self.modulation(c)                                          # 6 or 9 × (B, d_model) or (B, L, d_model)
-        shift, scale, gate = mods[0:3]
-        x = x + per_token(gate, x) * self.attn(modulate(self.norm_attn(x), shift, scale))
+        shift, scale, g = mods[0:3]
+        x = x + gate(g, self.attn(modulate(self.norm_attn(x), shift, scale)))
         if self.has_cross:
             if context is None: raise ValueError("this block was built with cross-attention (d_context set): pass context (B, L_k, d_context)")
-            shift, scale, gate = mods[3:6]
-            x = x + per_token(gate, x) * self.cross_attn(modulate(self.norm_cross(x), shift, scale), context)
-        shift, scale, gate = mods[-3:]
-        return x + per_token(gate, x) * self.mlp(modulate(self.norm_mlp(x), shift, scale))   # (B, L, d_model)
+            shift, scale, g = mods[3:6]
+            x = x + gate(g, self.cross_attn(modulate(self.norm_cross(x), shift, scale), context))
+        shift, scale, g = mods[-3:]
+        return x + gate(g, self.mlp(modulate(self.norm_mlp(x), shift, scale)))   # (B, L, d_model)
 
 # %% ../../nbs/20_models.layers.ipynb #48448288
 class FiLM(nn.Module):
@@ -239,4 +269,4 @@ class FiLM(nn.Module):
         if zero_init: nn.init.zeros_(self.proj.weight); nn.init.zeros_(self.proj.bias)
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         scale, shift = self.proj(c).unsqueeze(-1).chunk(2, dim=1)            # 2 × (B, C, 1)
-        return x * (1 + scale) + shift                                       # (B, C, L)
+        return (fold_rows(x, c.shape[0]) * (1 + scale) + shift).reshape(x.shape)   # (B, C, L); x may have n·B rows
