@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "side by side in one run; write sampling.json and sampling.md.")
     s.add_argument("--out", default="bench/results", help="output directory (default bench/results)")
     s.add_argument("--seed", type=int, default=0, help="random seed")
+    s.add_argument("--shared-cond", action="store_true",
+                   help="instead: the forecasters' denoisers with the condition tiled per sample vs shared per window "
+                        "(writes sampling_shared_cond.json/.md, with times scaled to the ETTh1 test set)")
     w = sub.add_parser("weather", help="train and evaluate the weather model zoo (12 → 4 six-hourly steps)",
         description="Fit persistence, climatology and every model of the deterministic weather zoo on the NCEP reanalysis "
                     "subset or the embedded toy-weather set; report latitude-weighted RMSE/MAE per lead time and ACC; "
@@ -130,8 +133,13 @@ def _cmd_bench_crps(args) -> int:
     return 0
 
 def _cmd_bench_sampling(args) -> int:
-    from tsdiffbench.diffusion.bench import run_sampling_benchmark
-    res = run_sampling_benchmark(args.out, seed=args.seed, command=f"tsdiffbench bench-sampling --out {args.out} --seed {args.seed}")
+    from tsdiffbench.diffusion.bench import run_sampling_benchmark, run_shared_cond_benchmark
+    command = f"tsdiffbench bench-sampling --out {args.out} --seed {args.seed}" + (" --shared-cond" if args.shared_cond else "")
+    if args.shared_cond:
+        res = run_shared_cond_benchmark(args.out, seed=args.seed, command=command)
+        print(json.dumps(res["rows"], indent=2))
+        return 0
+    res = run_sampling_benchmark(args.out, seed=args.seed, command=command)
     print(json.dumps({k: res[k] for k in ("naive_seconds", "batched_seconds", "speedup")}, indent=2))
     return 0
 
