@@ -188,9 +188,11 @@ def forward(self: DiTDenoiser, x_t: torch.Tensor, t: torch.Tensor, cond) -> torc
     "Denoiser output (B, H, N) for x_t (B, H, N), t (B,), cond z (B, N, d_cond) or {'z', 'y_det'}."
     t, z, y_det = read_inputs(self, x_t, t, cond)                            # (B,), (B, N, d_cond), (B, H, N) | None
     B, H, N = x_t.shape
-    tokens = self.patchify(x_t)                                              # (B, N, P, p)
-    if y_det is not None: tokens = torch.cat([tokens, tile_rows(self.patchify(y_det.to(x_t.dtype)), B)], dim=-1)   # (B, N, P, 2p)
-    h = (self.patch_embed(tokens) + self.patch_pos).flatten(1, 2)            # (B, N·P, d): variate-major tokens
+    w, p = self.patch_embed.weight, self.patch_len                           # w (d, p), or (d, 2p) for [x_t patch, ŷ_det patch]
+    h = F.linear(self.patchify(x_t), w[:, :p], self.patch_embed.bias) + self.patch_pos   # (B, N, P, d)
+    if y_det is not None:                                                    # ŷ_det's share of the embedding, once per window
+        h = add_rows(h, F.linear(self.patchify(y_det.to(x_t.dtype)), w[:, p:]))
+    h = h.flatten(1, 2)                                                      # (B, N·P, d): variate-major tokens
     c = self.cond_embed(t, z)                                                # (B_c, d): global condition, B_c = windows for a 0-d t
     if self.variate_cond is not None:
         c = add_rows(c[:, None], self.variate_cond(z))                       # (B_c, N, d): token n gets its own z_n

@@ -16,8 +16,8 @@ from torch import nn
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'check_shape', 'count_parameters', 'timestep_embedding', 'activation', 'MLP', 'TimestepEmbedder',
            'RevINStats', 'RevIN', 'samples_per_window', 'fold_rows', 'tile_rows', 'add_rows', 'MultiHeadAttention',
-           'BatchNormTokens', 'token_norm', 'TransformerBlock', 'CrossAttentionBlock', 'per_token', 'modulate', 'gate',
-           'AdaLNModulation', 'AdaLNZeroBlock', 'FiLM']
+           'BatchNormTokens', 'token_norm', 'TransformerBlock', 'CrossAttentionBlock', 'per_token', 'modulate',
+           'add_gated', 'AdaLNModulation', 'AdaLNZeroBlock', 'FiLM']
 
 # %% ../../nbs/20_models.layers.ipynb #10f92080
 def check_shape(x: torch.Tensor, name: str, shape: Sequence[int | None], labels: str) -> torch.Tensor:
@@ -212,12 +212,12 @@ def per_token(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     "x·(1 + scale) + shift for x (n·B, L, d) and shift/scale (B, d) (every token) or (B, L, d) (per token), shared by n samples."
-    out = fold_rows(x, shift.shape[0]) * (1 + per_token(scale, x)) + per_token(shift, x)
-    return out.reshape(x.shape)
+    return torch.addcmul(per_token(shift, x), fold_rows(x, shift.shape[0]), 1 + per_token(scale, x)).reshape(x.shape)
 
-def gate(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    "g·y for a residual branch y (n·B, L, d) and its AdaLN gate g (B, d) or (B, L, d), shared by n samples."
-    return (per_token(g, y) * fold_rows(y, g.shape[0])).reshape(y.shape)
+def add_gated(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    "x + g·y for a residual stream x, a branch y (n·B, L, d) and its AdaLN gate g (B, d) or (B, L, d), shared by n samples."
+    B = g.shape[0]
+    return torch.addcmul(fold_rows(x, B), per_token(g, y), fold_rows(y, B)).reshape(x.shape)
 
 class AdaLNModulation(nn.Module):
     "c (..., d_cond) → `n_chunks` modulation vectors (..., d_model) by SiLU → Linear, zero-initialised."
@@ -252,13 +252,13 @@ class AdaLNZeroBlock(nn.Module):
         # (sampling: x may hold n·B rows, n samples per window, sample-major, with c and context per window)
         mods = self.modulation(c)                                          # 6 or 9 × (B, d_model) or (B, L, d_model)
         shift, scale, g = mods[0:3]
-        x = x + gate(g, self.attn(modulate(self.norm_attn(x), shift, scale)))
+        x = add_gated(x, g, self.attn(modulate(self.norm_attn(x), shift, scale)))
         if self.has_cross:
             if context is None: raise ValueError("this block was built with cross-attention (d_context set): pass context (B, L_k, d_context)")
             shift, scale, g = mods[3:6]
-            x = x + gate(g, self.cross_attn(modulate(self.norm_cross(x), shift, scale), context))
+            x = add_gated(x, g, self.cross_attn(modulate(self.norm_cross(x), shift, scale), context))
         shift, scale, g = mods[-3:]
-        return x + gate(g, self.mlp(modulate(self.norm_mlp(x), shift, scale)))   # (B, L, d_model)
+        return add_gated(x, g, self.mlp(modulate(self.norm_mlp(x), shift, scale)))   # (B, L, d_model)
 
 # %% ../../nbs/20_models.layers.ipynb #48448288
 class FiLM(nn.Module):
