@@ -82,12 +82,18 @@ class Registry(dict):
     def __repr__(self): return f"Registry({self.kind}: {sorted(self.keys())})"
 
 # %% ../nbs/00_core.ipynb #b5e33eb9
+def _umask() -> int:
+    "The process umask (read by setting it and putting it back)."
+    mask = os.umask(0o022); os.umask(mask)
+    return mask
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs):
     "Context manager yielding a file object; the content appears at `path` only if the block finishes."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())                          # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush(); os.fsync(f.fileno())
