@@ -92,7 +92,7 @@ class UNetStage(nn.Module):
 # %% ../../nbs/22_models.denoisers.ipynb #d46ec086
 class UNet1DDenoiser(nn.Module):
     "U-Net over the horizon (variates as channels) with FiLM(t, mean z) in every block and cross-attention to z."
-    shared_cond = False         # can take cond per window, but on a CPU that measured slower (sampling_shared_cond.md): tiled
+    shared_cond = False         # can take cond per window, but on a CPU that gained nothing (0.9-1.1x, sampling_shared_cond.md)
     def __init__(self, pred_len: int, n_vars: int, d_cond: int, base_channels: int = 64, channel_mults=(1, 2, 2),
                  n_heads: int = 4, attn_from_level: int = 1, use_y_det: bool = False, t_max: float = 1.0,
                  dropout: float = 0.0, groups: int = 8):
