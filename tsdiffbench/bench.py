@@ -5,41 +5,28 @@
 # %% ../nbs/60_bench.ipynb #338a3806
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import json
-import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .core import Registry, atomic_write, progress, save_json, seed_everything
+import tsdiffbench.models.forecasters  # noqa: F401  (registers the learned forecasters in FORECASTERS)
+from .core import UsageError, atomic_write, progress, seed_everything
 from .data.ett import TimeSeriesData, freq_step, load_dataset
 from .data.synthetic import synthetic_data
 from .metrics import coverage, crps_ensemble, crps_quantile, mae, mse, nmae, point_forecast
+from .models.base import FORECASTERS, Forecaster, window_tensors
+from .results import Run, column, table, write_results
 
 # %% auto #0
-__all__ = ['FORECASTERS', 'FORECASTER_MODULES', 'MAIN_MODELS', 'MAIN_OPTIONS', 'RECORD_FIELDS', 'Forecaster', 'Persistence',
-           'SeasonalNaive', 'Climatology', 'seasonal_period', 'Oracle', 'default_forecasters', 'load_forecasters',
-           'build_forecasters', 'window_tensors', 'evaluate_forecaster', 'results_table', 'markdown_table', 'fan_chart',
-           'load_bench_data', 'run_bench', 'expected_coverage']
+__all__ = ['MAIN_MODELS', 'MAIN_OPTIONS', 'RUNNER_OPTIONS', 'RECORD_FIELDS', 'TSLIB', 'PROBTS', 'Persistence', 'SeasonalNaive',
+           'Climatology', 'seasonal_period', 'Oracle', 'default_forecasters', 'resolve_models', 'build_forecaster',
+           'evaluate_forecaster', 'bench_table', 'results_table', 'fan_chart', 'load_bench_data', 'run_bench',
+           'expected_coverage']
 
 # %% ../nbs/60_bench.ipynb #aa171b03
-class Forecaster:
-    "Interface of everything the benchmark evaluates: `fit` on standardised train rows, `sample` an ensemble."
-    name: str = "forecaster"
-    def fit(self, train: np.ndarray, period: int) -> "Forecaster":
-        "Learn from the standardised train rows `(L, N)`; `period` is the seasonal period in rows."
-        return self
-    def sample(self, history: torch.Tensor, target_index: torch.Tensor, n_samples: int,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        "An ensemble `(m, B, H, N)` for `history` `(B, S, N)`; `target_index` `(B, H)` are absolute row indices."
-        raise NotImplementedError
-
 class Persistence(Forecaster):
     "The last observed value, repeated over the horizon: a point forecast (an ensemble of one)."
     name = "persistence"
@@ -105,42 +92,39 @@ def default_forecasters(data: TimeSeriesData) -> dict:
     return models
 
 # %% ../nbs/60_bench.ipynb #6f261ed9
-FORECASTERS = Registry("forecaster")
-FORECASTER_MODULES = ["tsdiffbench.models.forecasters"]
 MAIN_MODELS = ("persistence", "seasonal_naive", "climatology", "oracle", "dlinear", "flow")  # `models="main"`: the README job
 MAIN_OPTIONS = {"flow": {"max_steps": 400, "steps": 5}}   # keeps the README job to minutes on 2 CPU cores
+RUNNER_OPTIONS = ("seeds",)                                # per-model options the runner consumes itself
 
-def load_forecasters() -> Registry:
-    "Import the modules that register learned forecasters (those that exist); return the registry."
-    for mod in FORECASTER_MODULES:
-        if importlib.util.find_spec(mod) is not None: importlib.import_module(mod)
-    return FORECASTERS
-
-def build_forecasters(data: TimeSeriesData, names, *, seq_len: int, pred_len: int, seed: int = 0,
-                      model_options: dict | None = None) -> dict:
-    "Forecasters by name ('all', 'main' = `MAIN_MODELS`, or a list): baselines/oracle, or learned ones from `FORECASTERS`."
-    baselines, registry = default_forecasters(data), load_forecasters()
-    known = list(baselines) + [n for n in registry.keys() if n not in baselines]
-    options = dict(model_options or {})
+def resolve_models(data: TimeSeriesData, names, model_options: dict | None = None) -> tuple[list, dict]:
+    "(model names, per-model options) for 'all', 'main' (= `MAIN_MODELS` with `MAIN_OPTIONS`) or a list; unknown names are usage errors."
+    known = list(default_forecasters(data)) + [n for n in FORECASTERS.keys() if n not in default_forecasters(data)]
+    bad = [n for n, o in (model_options or {}).items() if o is not None and not isinstance(o, dict)]
+    if bad: raise UsageError(f"model options of {bad} must be mappings of option -> value, e.g. {{\"flow\": {{\"steps\": 5}}}}")
+    options = {n: dict(o or {}) for n, o in (model_options or {}).items()}
     if names == "main":
         names = [n for n in MAIN_MODELS if n in known]
         options = {n: {**MAIN_OPTIONS.get(n, {}), **options.get(n, {})} for n in set(options) | (set(MAIN_OPTIONS) & set(names))}
     names = known if names in ("all", None) else [n.strip() for n in (names.split(",") if isinstance(names, str) else names)]
     unknown = [n for n in names if n not in known]
-    if unknown: raise ValueError(f"unknown model(s) {unknown} for data set {data.name!r}; available: {known}")
+    if unknown: raise UsageError(f"unknown model(s) {unknown} for data set {data.name!r}; available: {known}")
     stray = sorted(set(options) - set(names))
-    if stray: raise ValueError(f"model_options given for model(s) {stray} that are not being run ({names})")
-    return {n: baselines[n] if n in baselines else
-               registry[n](data, seq_len=seq_len, pred_len=pred_len, seed=seed, **options.get(n, {})) for n in names}
+    if stray: raise UsageError(f"model options given for model(s) {stray} that are not being run ({names})")
+    return names, options
+
+def build_forecaster(data: TimeSeriesData, name: str, *, seq_len: int, pred_len: int, seed: int = 0, **options) -> Forecaster:
+    "A baseline/oracle, or a learned forecaster from `FORECASTERS` built with its options (an unknown option is a usage error)."
+    baselines = default_forecasters(data)
+    if name in baselines:
+        if options: raise UsageError(f"model {name!r} takes no options; got {sorted(options)}")
+        return baselines[name]
+    try: return FORECASTERS[name](data, seq_len=seq_len, pred_len=pred_len, seed=seed, **options)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e): raise
+        raise UsageError(f"model {name!r} does not take the option {str(e).split('argument')[-1].strip()}; "
+                         "check --model-options against the model's parameters") from None
 
 # %% ../nbs/60_bench.ipynb #a72cf56f
-def window_tensors(data: TimeSeriesData, split: str, seq_len: int, pred_len: int, stride: int, count: str = "all"):
-    "History `(W, S, N)`, target `(W, H, N)` (standardised) and absolute target row indices `(W, H)` of a split."
-    win = data.windows(split, seq_len, 0, pred_len, stride=stride, count=count)
-    hist, tgt, _, _ = win.tensors()
-    tidx = torch.as_tensor(win.forecast_start)[:, None] + torch.arange(pred_len)[None]
-    return hist, tgt, tidx
-
 def evaluate_forecaster(model: Forecaster, data: TimeSeriesData, *, seq_len: int, pred_len: int, n_samples: int = 100,
                         rolling_stride: int | None = None, seed: int = 0, batch_size: int = 128,
                         split: str = "test") -> list:
@@ -161,7 +145,7 @@ def evaluate_forecaster(model: Forecaster, data: TimeSeriesData, *, seq_len: int
         sums["c90"] += coverage(s, y, 0.9, reduction="none").sum().item()
     seconds = time.perf_counter() - t0
     n = tgt.numel()
-    tslib = dict(model=model.name, protocol="tslib", mse=sums["se"] / n, mae=sums["ae"] / n, crps=None, nmae=None,
+    tslib = dict(model=model.name, protocol="tslib", seed=seed, mse=sums["se"] / n, mae=sums["ae"] / n, crps=None, nmae=None,
                  crps_ensemble=sums["crps"] / n, coverage_50=sums["c50"] / n, coverage_90=sums["c90"] / n,
                  n_windows=len(hist), sample_seconds=seconds)
     # ProbTS: original scale, rolling windows, one normaliser over the whole test set
@@ -171,40 +155,39 @@ def evaluate_forecaster(model: Forecaster, data: TimeSeriesData, *, seq_len: int
                    for i in range(0, len(hist), batch_size)], dim=1)                                   # (m, W, H, N)
     seconds = time.perf_counter() - t0
     s, y = data.select_output(data.inverse_transform(s)), data.select_output(data.inverse_transform(tgt))
-    probts = dict(model=model.name, protocol="probts", mse=None, mae=None, crps=crps_quantile(s, y).item(),
+    probts = dict(model=model.name, protocol="probts", seed=seed, mse=None, mae=None, crps=crps_quantile(s, y).item(),
                   nmae=nmae(s, y).item(), crps_ensemble=None, coverage_50=coverage(s, y, 0.5).item(),
                   coverage_90=coverage(s, y, 0.9).item(), n_windows=len(hist), sample_seconds=seconds)
     return [tslib, probts]
 
 # %% ../nbs/60_bench.ipynb #b02a7f58
-RECORD_FIELDS = ["model", "protocol", "mse", "mae", "crps", "nmae", "crps_ensemble", "coverage_50", "coverage_90",
+RECORD_FIELDS = ["model", "protocol", "seed", "mse", "mae", "crps", "nmae", "crps_ensemble", "coverage_50", "coverage_90",
                  "train_seconds", "sample_seconds", "n_windows"]
+TSLIB, PROBTS = {"protocol": "tslib"}, {"protocol": "probts"}
+
+def bench_table(with_oracle: bool = False) -> dict:
+    "The declared results table of `run_bench` (rendered by `tsdiffbench.results.render_markdown`)."
+    cols = [column("TSLib MSE", "mse", where=TSLIB), column("TSLib MAE", "mae", where=TSLIB),
+            column("TSLib CRPS", "crps_ensemble", where=TSLIB), column("TSLib cov50", "coverage_50", ".3f", where=TSLIB),
+            column("TSLib cov90", "coverage_90", ".3f", where=TSLIB), column("ProbTS CRPS", "crps", where=PROBTS),
+            column("ProbTS NMAE", "nmae", where=PROBTS), column("ProbTS cov50", "coverage_50", ".3f", where=PROBTS),
+            column("ProbTS cov90", "coverage_90", ".3f", where=PROBTS)]
+    if with_oracle: cols.append(column("CRPS ÷ oracle", "crps", ".3f", where=PROBTS, ratio_to="oracle"))
+    cols += [column("train s", "train_seconds", ".1f", where=TSLIB), column("sample s (TSLib)", "sample_seconds", ".1f", where=TSLIB)]
+    return table(cols, index="model", best="ProbTS CRPS")
 
 def results_table(records: list) -> pd.DataFrame:
-    "Wide table: one row per model, TSLib and ProbTS metrics side by side."
+    "Wide DataFrame of the means over seeds: one row per model, TSLib and ProbTS metrics side by side (train time once)."
     df = pd.DataFrame(records)
     missing = {"model", "protocol"} - set(df.columns)
     if missing: raise ValueError(f"records need the fields {sorted(missing)}; got {sorted(df.columns)}")
-    cols = {"tslib": ["mse", "mae", "crps_ensemble", "coverage_50", "coverage_90"],
-            "probts": ["crps", "nmae", "coverage_50", "coverage_90"]}
+    cols = {"tslib": ["mse", "mae", "crps_ensemble", "coverage_50", "coverage_90", "train_seconds", "sample_seconds"],
+            "probts": ["crps", "nmae", "coverage_50", "coverage_90", "sample_seconds"]}
     parts = []
     for proto, names in cols.items():
-        sub = df[df.protocol == proto].set_index("model")[names]
-        parts.append(sub.rename(columns={c: f"{proto}_{c}" for c in names}))
-    wide = pd.concat(parts, axis=1)
-    times = df.groupby("model", sort=False)[["train_seconds", "sample_seconds"]].sum(min_count=1)
-    return wide.join(times).loc[list(dict.fromkeys(df.model))]
-
-def markdown_table(df: pd.DataFrame, digits: int = 4) -> str:
-    "Render a DataFrame as a GitHub Markdown table (no extra dependency); NaN shows as '–'."
-    def fmt(v):
-        if v is None or (isinstance(v, float) and math.isnan(v)): return "–"
-        if isinstance(v, (float, np.floating)): return f"{v:.{digits}f}"
-        return str(v)
-    head = [df.index.name or ""] + [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join([str(i)] + [fmt(v) for v in row]) + " |" for i, row in zip(df.index, df.itertuples(index=False))]
-    return "\n".join(lines)
+        sub = df[df.protocol == proto].reindex(columns=["model", *names]).groupby("model", sort=False).mean()
+        parts.append(sub.rename(columns={c: c if c == "train_seconds" else f"{proto}_{c}" for c in names}))
+    return pd.concat(parts, axis=1).loc[list(dict.fromkeys(df.model))]
 
 # %% ../nbs/60_bench.ipynb #16bc0563
 def fan_chart(data: TimeSeriesData, forecasts: dict, window: int = 0, variate: int = -1, *, seq_len: int, pred_len: int,
@@ -238,66 +221,69 @@ def fan_chart(data: TimeSeriesData, forecasts: dict, window: int = 0, variate: i
 # %% ../nbs/60_bench.ipynb #76d882f8
 def load_bench_data(dataset: str = "synthetic", *, data_dir=None, download: bool = False, features: str = "M",
                     seed: int = 0) -> TimeSeriesData:
-    "The data set of a benchmark run: 'synthetic' (embedded), a known name (ETTh1, …) or a path to a CSV in the ETT layout."
+    "The data set of a benchmark run: 'synthetic' (embedded, drawn from `seed`), a known name (ETTh1, …) or a CSV path in the ETT layout."
     if dataset == "synthetic": return synthetic_data(seed=seed, features=features)
     if str(dataset).lower().endswith(".csv"): return load_dataset("custom", path=dataset, features=features)
     return load_dataset(dataset, data_dir=data_dir, download=download, features=features)
 
 def run_bench(dataset: str = "synthetic", *, data_dir=None, download: bool = False, seq_len: int = 96, label_len: int = 48,
               pred_len: int = 96, features: str = "M", models: str | list = "main", n_samples: int = 100,
-              rolling_stride: int | None = None, seed: int = 0, out=None, verbose: bool = False,
-              model_options: dict | None = None) -> pd.DataFrame:
-    "Fit and score forecasters under both protocols; write results.{csv,json,md} and fan_chart.html into `out`."
-    if n_samples < 1: raise ValueError(f"n_samples must be ≥ 1, got {n_samples}")
-    data = load_bench_data(dataset, data_dir=data_dir, download=download, features=features, seed=seed)
-    available = build_forecasters(data, models, seq_len=seq_len, pred_len=pred_len, seed=seed, model_options=model_options)
-    names = list(available)
-    period = seasonal_period(data.freq)
-    train = data.split_values("train")
-    records = []
-    for name in progress(names, desc="forecasters"):
-        model = available[name]
-        t0 = time.perf_counter(); model.fit(train, period); train_seconds = time.perf_counter() - t0
-        for rec in evaluate_forecaster(model, data, seq_len=seq_len, pred_len=pred_len, n_samples=n_samples,
-                                       rolling_stride=rolling_stride, seed=seed):
-            records.append({**{k: rec.get(k) for k in RECORD_FIELDS}, "train_seconds": train_seconds})
-    table = results_table(records)
+              rolling_stride: int | None = None, seeds=(0,), data_seed: int = 0, out=None, name: str = "results",
+              write_fan_chart: bool = True, verbose: bool = False, model_options: dict | None = None,
+              command: str | None = None, settings: dict | None = None) -> dict:
+    "Fit and score forecasters for every seed under both protocols; write STEM.{json,md,csv} (+ a fan chart) into `out`; return the results."
+    if n_samples < 1: raise UsageError(f"n_samples must be ≥ 1, got {n_samples}")
+    seeds = [int(s) for s in seeds]
+    if not seeds: raise UsageError("seeds must list at least one seed, e.g. 0,1,2")
+    settings = settings if settings is not None else dict(dataset=dataset, data_dir=data_dir, seq_len=seq_len, label_len=label_len,
+        pred_len=pred_len, features=features, models=models, n_samples=n_samples, rolling_stride=rolling_stride, seeds=seeds,
+        data_seed=data_seed, model_options=model_options)
+    data = load_bench_data(dataset, data_dir=data_dir, download=download, features=features, seed=data_seed)
+    names, options = resolve_models(data, models, model_options)
+    plan = {n: [int(s) for s in options.get(n, {}).pop("seeds", seeds)] for n in names}
+    first = {n: build_forecaster(data, n, seq_len=seq_len, pred_len=pred_len, seed=plan[n][0], **options.get(n, {}))
+             for n in names}                                              # usage errors surface before any training
+    run, records, period, train = Run("bench", command, settings), [], seasonal_period(data.freq), data.split_values("train")
+    for n in progress(names, desc="forecasters"):
+        for seed in plan[n]:
+            try:
+                model = first[n] if seed == plan[n][0] else build_forecaster(data, n, seq_len=seq_len, pred_len=pred_len, seed=seed, **options.get(n, {}))
+                seed_everything(seed)
+                t0 = time.perf_counter(); model.fit(train, period); train_seconds = time.perf_counter() - t0
+                for rec in evaluate_forecaster(model, data, seq_len=seq_len, pred_len=pred_len, n_samples=n_samples,
+                                               rolling_stride=rolling_stride, seed=seed):
+                    records.append({**{k: rec.get(k) for k in RECORD_FIELDS}, "train_seconds": train_seconds})
+            except Exception as e: run.fail(n, e, seed=seed)
+    res = run.results(f"tsdiffbench bench: {data.name}, {seq_len} → {pred_len}", records, [bench_table("oracle" in names)],
+                      description=_bench_description(data, records, seq_len, pred_len, n_samples, rolling_stride or pred_len, plan))
     out = Path(out or f"runs/bench-{data.name}")
-    settings = dict(dataset=data.name, features=features, seq_len=seq_len, label_len=label_len, pred_len=pred_len,
-                    n_samples=n_samples, rolling_stride=rolling_stride or pred_len, seed=seed, torch=torch.__version__)
-    _write_results(out, records, table, settings, data)
-    fig = fan_chart(data, {n: available[n] for n in names}, seq_len=seq_len, pred_len=pred_len, stride=rolling_stride,
-                    n_samples=n_samples, seed=seed)
-    with atomic_write(out / "fan_chart.html") as f: f.write(fig.to_html(include_plotlyjs=True, full_html=True))
-    if verbose:
-        print((out / "results.md").read_text())
-        print(f"wrote {out}/results.csv, results.json, results.md, fan_chart.html")
-    return table
+    write_results(res, out, name, csv=True)
+    fitted = {n: first[n] for n in names if not any(f["model"] == n for f in run.failures)}
+    if write_fan_chart and fitted:
+        fig = fan_chart(data, fitted, seq_len=seq_len, pred_len=pred_len, stride=rolling_stride, n_samples=n_samples, seed=seeds[0])
+        with atomic_write(out / ("fan_chart.html" if name == "results" else f"{name}_fan_chart.html")) as f:
+            f.write(fig.to_html(include_plotlyjs=True, full_html=True))
+    if verbose: print(f"wrote {out}/{name}.json, .md, .csv" + (" and a fan chart" if fan_chart and fitted else ""))
+    return res
 
-def _write_results(out: Path, records: list, table: pd.DataFrame, settings: dict, data: TimeSeriesData):
-    "results.csv / .json (records) and results.md (table + protocols + command), each written atomically."
-    with atomic_write(out / "results.csv") as f: pd.DataFrame(records)[RECORD_FIELDS].to_csv(f, index=False)
-    save_json(records, out / "results.json")
-    args = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items() if k not in ("torch", "dataset"))
-    md = [f"# tsdiffbench bench: {data.name}", "",
-          f"Command: `tsdiffbench bench --dataset {settings['dataset']} {args}`", "",
-          f"Test split: rows {list(data.borders['test'])} of {data.n_rows}: {records[0]['n_windows']} windows at stride 1 (TSLib), "
-          f"{records[1]['n_windows']} rolling windows (ProbTS); ensemble size {settings['n_samples']}; seed {settings['seed']}; "
-          f"torch {settings['torch']}.", "",
-          "- **tslib_***: TSLib protocol — standardised scale (train-only scaler), every stride-1 test window; "
-          "MSE of the ensemble mean, MAE of the ensemble median, mean pointwise ensemble CRPS (exact empirical CRPS).",
-          "- **probts_***: ProbTS protocol — original scale, rolling windows (stride "
-          f"{settings['rolling_stride']}, ProbTS count); normalised 19-quantile CRPS and NMAE of the median, one normaliser "
-          "Σ|y| over all test windows.",
-          "- coverage_50 / coverage_90: fraction of targets inside the central 50 % / 90 % ensemble interval "
-          f"(a calibrated {settings['n_samples']}-member ensemble scores {expected_coverage(settings['n_samples'], 0.5):.3f} / "
-          f"{expected_coverage(settings['n_samples'], 0.9):.3f}, see `expected_coverage`); point forecasts (an ensemble of one) "
-          "have zero-width intervals.", "",
-          markdown_table(table), ""]
-    if "oracle" in table.index:
-        md += [f"The oracle samples the exact conditional law; the ratio of a model's ProbTS CRPS to the oracle's "
-               f"({table.loc['oracle', 'probts_crps']:.4f}) says how much is left to learn.", ""]
-    with atomic_write(out / "results.md") as f: f.write("\n".join(md))
+def _bench_description(data, records, seq_len, pred_len, n_samples, stride, plan) -> list[str]:
+    "The description lines of a bench results file: data, windows, protocols, what calibrated coverage looks like."
+    n = {p: next((r["n_windows"] for r in records if r["protocol"] == p), "–") for p in ("tslib", "probts")}
+    one_seed = [m for m, s in plan.items() if len(s) == 1 and len(set(map(len, plan.values()))) > 1]
+    lines = [f"Data {data.name} ({data.n_rows} rows, {data.n_variates} variates, features {data.features}); test rows "
+             f"{list(data.borders['test'])}: {n['tslib']} windows at stride 1 (TSLib) and {n['probts']} rolling windows at stride "
+             f"{stride} (ProbTS); look-back {seq_len}, horizon {pred_len}; {n_samples} samples per forecast; seeds per model "
+             + ", ".join(f"{m} {s}" for m, s in plan.items()) + ".",
+             "TSLib protocol: standardised scale (train-only scaler), every stride-1 test window; MSE of the ensemble mean, "
+             "MAE of the ensemble median, mean pointwise ensemble CRPS (exact empirical CRPS). ProbTS protocol: original scale, "
+             "rolling windows (ProbTS count); normalised 19-quantile CRPS and NMAE of the median, one normaliser Σ|y| over "
+             "all test windows. Numbers of the two protocols are not comparable.",
+             f"cov50 / cov90: fraction of targets inside the central 50 % / 90 % ensemble interval; a calibrated "
+             f"{n_samples}-member ensemble scores {expected_coverage(n_samples, 0.5):.3f} / {expected_coverage(n_samples, 0.9):.3f} "
+             "(`expected_coverage`); point forecasts (an ensemble of one) have zero-width intervals. train s: fit time once per "
+             "model and seed; sample s: sampling and scoring of the whole TSLib test set."]
+    if one_seed: lines.append(f"Run with one seed only (no spread shown): {', '.join(one_seed)}.")
+    return lines
 
 # %% ../nbs/60_bench.ipynb #3ec58944
 def expected_coverage(n_samples: int, level: float) -> float:

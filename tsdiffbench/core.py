@@ -19,8 +19,9 @@ import yaml
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['in_test', 'quiet', 'progress', 'seed_everything', 'get_device', 'autocast_context', 'Registry', 'atomic_write',
-           'save_json', 'load_yaml', 'save_yaml', 'data_dir', 'cache_dir', 'shared_data_dir']
+__all__ = ['in_test', 'quiet', 'progress', 'InputError', 'UsageError', 'DataError', 'seed_everything', 'get_device',
+           'autocast_context', 'Registry', 'atomic_write', 'save_json', 'load_yaml', 'save_yaml', 'data_dir',
+           'cache_dir', 'shared_data_dir']
 
 # %% ../nbs/00_core.ipynb #b2e6d35b
 def in_test() -> bool:
@@ -35,6 +36,19 @@ def progress(iterable: Iterable | None = None, *, disable: bool | None = None, *
     "A `tqdm` progress bar that respects `TSDIFFBENCH_QUIET`; `disable=True` silences it for one call."
     if disable is None: disable = quiet()
     return tqdm(iterable, disable=disable, dynamic_ncols=True, **kwargs)
+
+# %% ../nbs/00_core.ipynb #375f51ba
+class InputError(ValueError):
+    "An error in what the user gave us (not a bug): the CLI prints it as one line and exits with `exit_code`."
+    exit_code = 1
+
+class UsageError(InputError):
+    "A wrong flag, option or config value (exit code 2, like argparse)."
+    exit_code = 2
+
+class DataError(InputError):
+    "A data file or data set that is missing, unreadable, malformed or too short (exit code 1)."
+    exit_code = 1
 
 # %% ../nbs/00_core.ipynb #e0849843
 def seed_everything(seed: int = 0, device: str | torch.device = "cpu") -> torch.Generator:
@@ -114,12 +128,22 @@ def _json_default(o):
     raise TypeError(f"cannot serialise {type(o).__name__} to JSON")
 
 def load_yaml(path: str | os.PathLike) -> dict:
-    "Read a YAML config into a dict (an empty file gives `{}`)."
+    "Read a YAML config into a dict (an empty file gives `{}`); a missing, unreadable or malformed file is a `UsageError`."
     path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f"config file {path} does not exist")
-    cfg = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(cfg, dict): raise ValueError(f"config {path} must hold a mapping at top level, got {type(cfg).__name__}")
+    if not path.is_file(): raise UsageError(f"config file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    try: cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e: raise UsageError(f"config file {path} is not UTF-8 text (a binary file?)") from e
+    except yaml.YAMLError as e: raise UsageError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from e
+    if not isinstance(cfg, dict):
+        raise UsageError(f"config file {path} must hold a mapping (key: value lines) at top level, got a {type(cfg).__name__}")
     return cfg
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    "One line from a YAML error: the problem and where (1-based line and column)."
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = f" ({e.context})" if getattr(e, "context", None) else ""
+    return f"{getattr(e, 'problem', None) or e}{where}{context}"
 
 def save_yaml(cfg: dict, path: str | os.PathLike) -> Path:
     "Write `cfg` as YAML atomically; return the path."

@@ -10,8 +10,10 @@ import difflib
 import functools
 import inspect
 import math
+import pickle
 import random
 import warnings
+import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -25,7 +27,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
-from .core import atomic_write, autocast_context, get_device, load_yaml, progress, save_yaml, seed_everything
+from .core import DataError, UsageError, atomic_write, autocast_context, get_device, load_yaml, progress, save_yaml, seed_everything
 
 # %% auto #0
 __all__ = ['AMP_MODES', 'SCHEDULES', 'CHECKPOINT_FORMAT', 'RESUME_FREE_KEYS', 'TrainConfig', 'param_groups', 'lr_factor',
@@ -69,7 +71,7 @@ class TrainConfig:
         if isinstance(self.betas, (list, tuple)): self.betas = tuple(self.betas)
         if isinstance(self.checkpoint_dir, Path): self.checkpoint_dir = str(self.checkpoint_dir)
         problems = [message for ok, message in _config_checks(self) if not ok]
-        if problems: raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+        if problems: raise UsageError("invalid TrainConfig: " + "; ".join(problems))
 
 # %% ../nbs/61_train.ipynb #90422c7f
 def _is_int(value, low: int, none_ok: bool = False) -> bool:
@@ -138,12 +140,12 @@ def from_dict(cls: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
     unknown = [k for k in values if k not in known]
     if unknown:
         hints = [f"{k!r} (did you mean {guess!r}?)" if (guess := _closest_name(str(k), known)) else repr(k) for k in unknown]
-        raise ValueError(f"unknown TrainConfig key(s) {', '.join(hints)}; known keys: {known}")
+        raise UsageError(f"unknown TrainConfig key(s) {', '.join(hints)}; known keys: {known}")
     values = dict(values)
     for key in _FLOAT_FIELDS:
         if isinstance(values.get(key), str):
             try: values[key] = float(values[key])
-            except ValueError: raise ValueError(f"TrainConfig.{key} must be a number, got the string {values[key]!r}") from None
+            except ValueError: raise UsageError(f"TrainConfig.{key} must be a number, got the string {values[key]!r}") from None
     return cls(**values)
 
 @patch
@@ -337,21 +339,26 @@ def load_checkpoint(path, model: nn.Module | None = None, *, optimizer=None, sch
                     scaler=None, map_location: str | torch.device = "cpu") -> dict:
     "Read a checkpoint (weights-only unpickling), load it into the objects given, and return the checkpoint dict."
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"no checkpoint at {path}")
+    if not path.is_file(): raise DataError(f"no checkpoint at {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    with open(path, "rb") as f: magic = f.read(4)
+    if magic != b"PK\x03\x04":                                      # torch.save writes a zip archive; anything else is not ours
+        raise DataError(f"{path} is not a readable checkpoint: it is not a torch.save zip archive (first bytes {magic!r})")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path} is not a readable checkpoint: its zip archive is cut short (a copy or a write that did not finish?)")
     try: checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        reason = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line), str(e)[:300])
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {reason})") from e
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:   # a truncated archive, or an object weights_only refuses
+        reason = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line), str(e).splitlines()[0][:200])
+        raise DataError(f"{path} is not a readable checkpoint ({type(e).__name__}: {reason}); is it truncated or from another program?") from e
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"{path} is not a tsdiffbench training checkpoint: format {found!r}, expected {CHECKPOINT_FORMAT!r}")
+        raise DataError(f"{path} is not a tsdiffbench training checkpoint: format {found!r}, expected {CHECKPOINT_FORMAT!r}")
     if model is not None:
         problems = state_dict_differences(checkpoint["model"], model.state_dict())
-        if problems: raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: " + "; ".join(problems))
+        if problems: raise DataError(f"checkpoint {path} does not fit {type(model).__name__}: " + "; ".join(problems))
         model.load_state_dict(checkpoint["model"])
     for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("ema", ema), ("scaler", scaler)):
         if target is None: continue
-        if checkpoint[name] is None: raise ValueError(f"checkpoint {path} holds no {name} state")
+        if checkpoint[name] is None: raise DataError(f"checkpoint {path} holds no {name} state")
         target.load_state_dict(checkpoint[name])
     return checkpoint
 
@@ -652,7 +659,7 @@ RESUME_FREE_KEYS = ("log_every", "checkpoint_dir", "checkpoint_every", "progress
 def config_differences(saved: Mapping, current: TrainConfig) -> list[str]:
     "The config keys (outside RESUME_FREE_KEYS) whose values differ between a checkpoint's config and `current`."
     try: saved = TrainConfig.from_dict(saved)
-    except (ValueError, TypeError) as e: return [f"the checkpoint's config is not a valid TrainConfig here ({e})"]
+    except (UsageError, TypeError) as e: return [f"the checkpoint's config is not a valid TrainConfig here ({e})"]
     return [f"config {f.name}: {getattr(saved, f.name)!r} in the checkpoint, {getattr(current, f.name)!r} now"
             for f in fields(TrainConfig) if f.name not in RESUME_FREE_KEYS and getattr(saved, f.name) != getattr(current, f.name)]
 
@@ -682,7 +689,7 @@ def _resume(self: Trainer, path, strict_config: bool = True) -> dict | None:
     "Check, then load a checkpoint into this trainer; return what the loop needs to replay a partial epoch (None at an epoch boundary)."
     checkpoint = load_checkpoint(path)                                 # on CPU: RNG states must stay there; loading copies to the device
     problems = self._resume_problems(checkpoint, strict_config)
-    if problems: raise ValueError(f"cannot resume from {path}:\n  - " + "\n  - ".join(problems))
+    if problems: raise DataError(f"cannot resume from {path}: " + "; ".join(problems))
     peak_lrs = [g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups]
     self.model.load_state_dict(checkpoint["model"])
     self.optimizer.load_state_dict(checkpoint["optimizer"])

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import math
 import os
 import urllib.request
@@ -21,6 +22,7 @@ import torch
 from fastcore.basics import patch
 from torch.utils.data import DataLoader, Dataset
 
+from ..core import DataError, UsageError
 from ..core import cache_dir as default_cache_dir
 from ..core import data_dir as default_data_dir
 
@@ -29,7 +31,7 @@ __all__ = ['ETDATASET_COMMIT', 'ETDATASET_URL', 'DATASETS', 'CUSTOM', 'KNOWN_DAT
            'SPLIT_COLOURS', 'DatasetInfo', 'dataset_info', 'sha256_file', 'fetch_url', 'verify_sha256', 'resolve_csv',
            'validate_series_frame', 'read_series_csv', 'split_borders', 'StandardScaler', 'freq_step',
            'time_feature_names', 'time_features', 'infer_freq', 'TimeSeriesData', 'load_dataset', 'count_windows',
-           'SlidingWindows', 'window_loader', 'describe_data', 'describe', 'plot_splits']
+           'SlidingWindows', 'window_loader', 'load_any', 'describe_data', 'describe', 'describe_table', 'plot_splits']
 
 # %% ../../nbs/50_data.ett.ipynb #b812beaa
 ETDATASET_COMMIT = "1d16c8f4f943005d613b5bc962e9eeb06058cf07"
@@ -58,7 +60,7 @@ def dataset_info(name: str) -> DatasetInfo:
     "The registry entry of `name` ('ETTh1', 'ETTh2', 'ETTm1', 'ETTm2' or 'custom'), with an error listing the known names."
     if name == "custom": return CUSTOM
     if name not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; known: {list(KNOWN_DATASETS)} "
+        raise UsageError(f"unknown data set {name!r}; known: {list(KNOWN_DATASETS)} "
                          f"('custom' takes path=... to any CSV in the ETT layout: a 'date' column, then numeric columns)")
     return DATASETS[name]
 
@@ -79,9 +81,9 @@ def verify_sha256(path: str | os.PathLike, info: DatasetInfo, what: str = "local
     "Raise if the file at `path` is not byte-identical to the published `info.name` file; return the path."
     path, actual = Path(path), sha256_file(path)
     if actual != info.sha256:
-        raise ValueError(f"{what} {path} is not the published {info.name}.csv: sha256 {actual} != expected {info.sha256}. "
-                         f"The file is truncated, corrupt or edited. Replace it with the original ({info.url}), "
-                         f"or load an edited copy on purpose with name='custom', path=...")
+        raise DataError(f"{what} {path} is not the published {info.name}.csv: sha256 {actual} != expected {info.sha256}. "
+                        f"The file is truncated, corrupt or edited. Replace it with the original ({info.url}), "
+                        f"or load an edited copy on purpose with name='custom', path=...")
     return path
 
 # %% ../../nbs/50_data.ett.ipynb #6ab96be3
@@ -91,13 +93,14 @@ def _download_verified(info: DatasetInfo, dest: Path) -> Path:
     part = dest.with_name(f".{dest.name}.{os.getpid()}.part")
     try:
         try: fetch_url(info.url, part)
-        except Exception as e:
-            raise RuntimeError(f"download of {info.name} from {info.url} failed ({type(e).__name__}: {e}); nothing was kept. "
-                               f"Without internet, copy {info.name}.csv into a folder and set TSDIFFBENCH_DATA to it") from e
+        except (OSError, http.client.HTTPException) as e:               # URLError, refused/reset connections, timeouts, short reads
+            reason = getattr(e, "reason", None) or e
+            raise DataError(f"download of {info.name} from {info.url} failed ({reason}); nothing was kept. Without internet, "
+                            f"copy {info.name}.csv into a folder and pass it with --data-dir (data_dir=) or TSDIFFBENCH_DATA") from e
         actual = sha256_file(part)
         if actual != info.sha256:
-            raise ValueError(f"download of {info.name} from {info.url} is corrupt or partial ({part.stat().st_size:,} bytes): "
-                             f"sha256 {actual} != expected {info.sha256}; the file was deleted and nothing was kept")
+            raise DataError(f"download of {info.name} from {info.url} is corrupt or partial ({part.stat().st_size:,} bytes): "
+                            f"sha256 {actual} != expected {info.sha256}; the file was deleted and nothing was kept")
         os.replace(part, dest)
     finally:
         if part.exists(): part.unlink()
@@ -108,8 +111,12 @@ def resolve_csv(name: str, data_dir: str | os.PathLike | None = None, download: 
     "Path to the verified CSV of the known data set `name`: data dir, then cache, then (with `download=True`) the web."
     info = dataset_info(name)
     if info.url is None:
-        raise ValueError("a 'custom' data set has no download source; pass the CSV itself: load_dataset('custom', path=...)")
+        raise UsageError("a 'custom' data set has no download source; pass the CSV itself: load_dataset('custom', path=...)")
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    if root is not None and not root.is_dir():
+        source = "--data-dir (data_dir=)" if data_dir is not None else "TSDIFFBENCH_DATA"
+        raise DataError(f"data directory {root} (from {source}) does not exist or is not a folder; "
+                        f"point --data-dir or TSDIFFBENCH_DATA at the folder holding {name}.csv")
     searched = []
     if root is not None:
         for cand in (root / f"{name}.csv", root / "ett" / f"{name}.csv", root / "ETT-small" / f"{name}.csv"):
@@ -122,39 +129,40 @@ def resolve_csv(name: str, data_dir: str | os.PathLike | None = None, download: 
         actual = sha256_file(cached)
         if actual == info.sha256: return cached
         if not download:
-            raise ValueError(f"cached copy {cached} of {name} is corrupt or partial: sha256 {actual} != expected {info.sha256}; "
-                             f"it was not used. Delete it, or pass download=True to replace it")
+            raise DataError(f"cached copy {cached} of {name} is corrupt or partial: sha256 {actual} != expected {info.sha256}; "
+                            f"it was not used. Delete it, or pass --download (download=True) to replace it")
         warnings.warn(f"cached copy {cached} of {name} has a wrong sha256 ({actual}); downloading it again")
         cached.unlink()
     if not download:
-        raise FileNotFoundError(f"{name}.csv not found; looked in: {', '.join(searched)}. Set TSDIFFBENCH_DATA (or data_dir) "
-                                f"to a folder holding it, or pass download=True to fetch {info.url} into {cache} (sha256-checked)")
+        raise DataError(f"{name}.csv not found; looked in: {', '.join(searched)}. Pass --data-dir (data_dir=) or set "
+                        f"TSDIFFBENCH_DATA to a folder holding it, or pass --download (download=True) to fetch {info.url} "
+                        f"into {cache} (sha256-checked)")
     return _download_verified(info, cached)
 
 # %% ../../nbs/50_data.ett.ipynb #2a1a39f9
 def _parse_dates(column: pd.Series, name: str) -> pd.DatetimeIndex:
     "Parse the `date` column; name the first row that is not a timestamp."
     if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_datetime64_any_dtype(column):
-        raise ValueError(f"column 'date' of {name} holds numbers ({column.iloc[0]!r} in row 0), not timestamps like '2016-07-01 00:00:00'")
+        raise DataError(f"column 'date' of {name} holds numbers ({column.iloc[0]!r} in row 0), not timestamps like '2016-07-01 00:00:00'")
     try: dates = pd.to_datetime(column)
     except (ValueError, TypeError):
         dates = pd.to_datetime(column, errors="coerce", format="mixed")
     missing = np.flatnonzero(dates.isna().to_numpy())
     if len(missing):
         i = int(missing[0])
-        raise ValueError(f"column 'date' of {name}: row {i} (file line {i + 2}) holds {column.iloc[i]!r}, which is not a timestamp")
+        raise DataError(f"column 'date' of {name}: row {i} (file line {i + 2}) holds {column.iloc[i]!r}, which is not a timestamp")
     return pd.DatetimeIndex(dates)
 
 def validate_series_frame(frame: pd.DataFrame, target: str = "OT", name: str = "data") -> pd.DataFrame:
     "Check a frame in the ETT layout and return a clean copy: `date` as datetime64, value columns as finite float64."
     columns = [str(c) for c in frame.columns]
     if "date" not in columns:
-        raise ValueError(f"column 'date' missing from {name}; found: {columns}. The first column must hold the timestamps and be named 'date'")
-    if target == "date": raise ValueError(f"the target of {name} cannot be the 'date' column; choose one of {[c for c in columns if c != 'date']}")
+        raise DataError(f"column 'date' missing from {name}; found: {columns}. The first column must hold the timestamps and be named 'date'")
+    if target == "date": raise UsageError(f"the target of {name} cannot be the 'date' column; choose one of {[c for c in columns if c != 'date']}")
     if target not in columns:
-        raise ValueError(f"column {target!r} missing from {name}; found: {columns}. Choose the target column with target=...")
+        raise DataError(f"column {target!r} missing from {name}; found: {columns}. Choose the target column with target=...")
     value_columns = [c for c in columns if c != "date"]
-    if len(frame) == 0: raise ValueError(f"{name} has a header but no data rows")
+    if len(frame) == 0: raise DataError(f"{name} has a header but no data rows")
     frame = frame.set_axis(columns, axis=1)
     values = np.empty((len(frame), len(value_columns)), dtype=np.float64)
     for j, c in enumerate(value_columns):
@@ -164,24 +172,24 @@ def validate_series_frame(frame: pd.DataFrame, target: str = "OT", name: str = "
             bad = np.flatnonzero(coerced.isna().to_numpy() & col.notna().to_numpy())
             if len(bad):
                 i = int(bad[0])
-                raise ValueError(f"column {c!r} of {name} is not numeric: row {i} (file line {i + 2}) holds {col.iloc[i]!r}")
+                raise DataError(f"column {c!r} of {name} is not numeric: row {i} (file line {i + 2}) holds {col.iloc[i]!r}")
             col = coerced
         values[:, j] = col.to_numpy(dtype=np.float64, na_value=np.nan)
     bad = np.argwhere(~np.isfinite(values))                       # row-major: the first offending row comes first
     if len(bad):
         i, j = (int(k) for k in bad[0]); v = values[i, j]
         what = "a missing value (NaN or an empty cell)" if np.isnan(v) else f"an infinite value ({v})"
-        raise ValueError(f"column {value_columns[j]!r} of {name} has {what} in row {i} (file line {i + 2}); "
-                         f"{len(bad)} non-finite value(s) in all. Fill or drop them before loading")
+        raise DataError(f"column {value_columns[j]!r} of {name} has {what} in row {i} (file line {i + 2}); "
+                        f"{len(bad)} non-finite value(s) in all. Fill or drop them before loading")
     dates = _parse_dates(frame["date"], name)
     steps = np.diff(dates.asi8)
     bad = np.flatnonzero(steps <= 0)
     if len(bad):
         i = int(bad[0]) + 1
         if steps[i - 1] == 0:
-            raise ValueError(f"duplicated timestamp {dates[i]} in {name}: row {i} (file line {i + 2}) repeats row {i - 1}")
-        raise ValueError(f"timestamps of {name} are not increasing: row {i} (file line {i + 2}) holds {dates[i]}, "
-                         f"earlier than row {i - 1} ({dates[i - 1]}); sort the file by date")
+            raise DataError(f"duplicated timestamp {dates[i]} in {name}: row {i} (file line {i + 2}) repeats row {i - 1}")
+        raise DataError(f"timestamps of {name} are not increasing: row {i} (file line {i + 2}) holds {dates[i]}, "
+                        f"earlier than row {i - 1} ({dates[i - 1]}); sort the file by date")
     clean = pd.DataFrame(values, columns=value_columns)
     clean.insert(0, "date", dates)
     return clean
@@ -190,11 +198,18 @@ def validate_series_frame(frame: pd.DataFrame, target: str = "OT", name: str = "
 def read_series_csv(path: str | os.PathLike, target: str = "OT", name: str | None = None) -> pd.DataFrame:
     "Read and validate a CSV in the ETT layout (`date`, then numeric columns); errors name the file, column and row."
     path = Path(path); name = name or path.name
-    if not path.is_file(): raise FileNotFoundError(f"{name}: no file at {path}")
-    if path.stat().st_size == 0: raise ValueError(f"{name} is empty (0 bytes); expected a header line 'date,...' and data rows")
-    try: frame = pd.read_csv(path)
-    except pd.errors.EmptyDataError as e: raise ValueError(f"{name} is empty: no header line 'date,...' and no data rows") from e
-    except pd.errors.ParserError as e: raise ValueError(f"{name} is not a well-formed CSV: {e}") from e
+    if not path.is_file(): raise DataError(f"{name}: no file at {path}")
+    if path.stat().st_size == 0: raise DataError(f"{name} is empty (0 bytes); expected a header line 'date,...' and data rows")
+    try:
+        with open(path, "rb") as f: head = f.read(1 << 16)
+        if b"\0" in head: raise DataError(f"{path} is a binary file (it holds NUL bytes), not a CSV text file in the ETT layout")
+        frame = pd.read_csv(path)
+    except OSError as e: raise DataError(f"cannot read {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not a UTF-8 text CSV: it holds the byte {e.object[e.start:e.start + 1]!r}, which is not "
+                        f"UTF-8 (a binary file, or a CSV saved in another encoding?)") from e
+    except pd.errors.EmptyDataError as e: raise DataError(f"{name} is empty: no header line 'date,...' and no data rows") from e
+    except pd.errors.ParserError as e: raise DataError(f"{name} is not a well-formed CSV: {str(e).strip()}") from e
     return validate_series_frame(frame, target=target, name=name)
 
 # %% ../../nbs/50_data.ett.ipynb #d79c6e22
@@ -206,13 +221,13 @@ def split_borders(kind: str, n_rows: int) -> dict[str, tuple[int, int]]:
         rows_per_month = 30 * 24 * (4 if kind == "ett_minute" else 1)
         train_end, val_end, test_end = 12 * rows_per_month, 16 * rows_per_month, 20 * rows_per_month
         if n_rows < test_end:
-            raise ValueError(f"the {kind} split needs at least {test_end} rows (12/4/4 months), the series has {n_rows}; use split 'custom'")
+            raise DataError(f"the {kind} split needs at least {test_end} rows (12/4/4 months), the series has {n_rows}; use split 'custom'")
         return {"train": (0, train_end), "val": (train_end, val_end), "test": (val_end, test_end)}
     if kind == "custom":
         num_train, num_test = int(n_rows * 0.7), int(n_rows * 0.2)
         num_val = n_rows - num_train - num_test
         if min(num_train, num_val, num_test) < 1:
-            raise ValueError(f"a 70/10/20 split of {n_rows} rows leaves an empty split ({num_train}/{num_val}/{num_test} rows); need at least 10 rows")
+            raise DataError(f"a 70/10/20 split of {n_rows} rows leaves an empty split ({num_train}/{num_val}/{num_test} rows); need at least 10 rows")
         return {"train": (0, num_train), "val": (num_train, num_train + num_val), "test": (n_rows - num_test, n_rows)}
     raise ValueError(f"unknown split kind {kind!r}; expected 'ett_hour', 'ett_minute' or 'custom'")
 
@@ -299,8 +314,8 @@ def freq_step(freq: str) -> pd.Timedelta:
     nominal = {"B": "1D", "M": "30D", "MS": "30D", "ME": "30D"}
     text = nominal.get(freq, freq)
     try: step = pd.Timedelta(text if text[:1].isdigit() else f"1{text}")
-    except (ValueError, TypeError) as e: raise ValueError(f"unknown frequency {freq!r}; expected e.g. '15min', 'h', 'D', 'W' or 'M'") from e
-    if step <= pd.Timedelta(0): raise ValueError(f"frequency {freq!r} must be a positive step")
+    except (ValueError, TypeError) as e: raise UsageError(f"unknown frequency {freq!r}; expected e.g. '15min', 'h', 'D', 'W' or 'M'") from e
+    if step <= pd.Timedelta(0): raise UsageError(f"frequency {freq!r} must be a positive step")
     return step
 
 def time_feature_names(freq: str) -> list[str]:
@@ -319,7 +334,7 @@ def time_features(dates: pd.DatetimeIndex, freq: str) -> np.ndarray:
 
 def infer_freq(dates: pd.DatetimeIndex) -> str:
     "A frequency string from the median step between timestamps ('15min', 'h', 'D', 'W', 'M', ...)."
-    if len(dates) < 2: raise ValueError("cannot infer the sampling step from fewer than 2 timestamps; pass freq=...")
+    if len(dates) < 2: raise DataError("cannot infer the sampling step from fewer than 2 timestamps; pass freq=...")
     step = pd.Series(pd.DatetimeIndex(dates)).diff().median()
     if step < pd.Timedelta("1h"): return f"{max(1, round(step / pd.Timedelta('1min')))}min"
     if step < pd.Timedelta("1D"): hours = round(step / pd.Timedelta("1h")); return "h" if hours == 1 else f"{hours}h"
@@ -334,7 +349,7 @@ class TimeSeriesData:
     "A validated series with train-fitted scaling, time features and the literature's splits; cut it with `windows(...)`."
     def __init__(self, frame: pd.DataFrame, name: str = "custom", target: str = "OT", features: str = "M",
                  split_kind: str = "custom", freq: str | None = None, path: str | os.PathLike | None = None):
-        if features not in FEATURES: raise ValueError(f"invalid features {features!r}; expected 'M' (all in, all out), 'S' (target only) or 'MS' (all in, target out)")
+        if features not in FEATURES: raise UsageError(f"invalid features {features!r}; expected 'M' (all in, all out), 'S' (target only) or 'MS' (all in, target out)")
         frame = validate_series_frame(frame, target=target, name=name)
         value_columns = [c for c in frame.columns if c != "date" and c != target] + [target]   # target last, as TSLib
         self.name, self.target, self.features, self.split_kind = name, target, features, split_kind
@@ -375,8 +390,9 @@ def split_rows(self: TimeSeriesData, split: str, seq_len: int = 0) -> tuple[int,
     begin, end = self.borders[_check_split(split)]
     if split != "train": begin -= seq_len
     if begin < 0:
-        raise ValueError(f"{split} windows of {self.name} need seq_len={seq_len} rows before the {split} split, "
-                         f"which starts at row {self.borders[split][0]}; use a shorter seq_len or a longer series")
+        first, last = self.borders[split]
+        raise DataError(f"{split} windows of {self.name} need seq_len={seq_len} rows before the {split} split, which starts at "
+                        f"row {first} (the split has {last - first} rows, rows {first} to {last}); use a shorter seq_len or a longer series")
     return begin, end
 
 @patch
@@ -404,13 +420,13 @@ def load_dataset(name: str = "ETTh1", data_dir: str | os.PathLike | None = None,
                  cache_dir: str | os.PathLike | None = None, freq: str | None = None) -> TimeSeriesData:
     "Load a known data set (or `'custom'` with `path=`) as a `TimeSeriesData` with the standard split and train-fitted scaler."
     info = dataset_info(name)
-    if features not in FEATURES: raise ValueError(f"invalid features {features!r}; expected 'M' (all in, all out), 'S' (target only) or 'MS' (all in, target out)")
+    if features not in FEATURES: raise UsageError(f"invalid features {features!r}; expected 'M' (all in, all out), 'S' (target only) or 'MS' (all in, target out)")
     if path is not None:
         path = Path(path).expanduser()
-        if not path.is_file(): raise FileNotFoundError(f"no file at {path}")
+        if not path.is_file(): raise DataError(f"no file at {path}; expected the path of a CSV in the ETT layout ('date' column, then numeric columns)")
         if info.sha256 is not None: verify_sha256(path, info, "file")
     elif name == "custom":
-        raise ValueError("name='custom' needs path=... to a CSV in the ETT layout ('date' column, then numeric columns)")
+        raise UsageError("name='custom' needs path=... to a CSV in the ETT layout ('date' column, then numeric columns)")
     else:
         path = resolve_csv(name, data_dir=data_dir, download=download, cache_dir=cache_dir)
     target = target or info.target
@@ -428,11 +444,11 @@ def count_windows(n_rows: int, seq_len: int, pred_len: int, stride: int = 1, cou
 
 def _check_lengths(seq_len: int, label_len: int, pred_len: int, stride: int) -> None:
     for n, v in dict(seq_len=seq_len, label_len=label_len, pred_len=pred_len, stride=stride).items():
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool): raise ValueError(f"{n} must be an integer, got {v!r}")
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool): raise UsageError(f"{n} must be an integer, got {v!r}")
     for n, v in dict(seq_len=seq_len, pred_len=pred_len, stride=stride).items():
-        if v <= 0: raise ValueError(f"{n} must be positive, got {v}")
-    if label_len < 0: raise ValueError(f"label_len must be >= 0, got {label_len}")
-    if label_len > seq_len: raise ValueError(f"label_len={label_len} > seq_len={seq_len}: the label part of seq_y is the end of the input window, so it cannot be longer than it")
+        if v <= 0: raise UsageError(f"{n} must be positive, got {v}")
+    if label_len < 0: raise UsageError(f"label_len must be >= 0, got {label_len}")
+    if label_len > seq_len: raise UsageError(f"label_len={label_len} > seq_len={seq_len}: the label part of seq_y is the end of the input window, so it cannot be longer than it")
 
 # %% ../../nbs/50_data.ett.ipynb #acdc4685
 class SlidingWindows(Dataset):
@@ -445,9 +461,10 @@ class SlidingWindows(Dataset):
         self.seq_len, self.label_len, self.pred_len, self.stride = seq_len, label_len, pred_len, stride
         n = count_windows(end - begin, seq_len, pred_len, stride, count)
         if n < 1:
-            raise ValueError(f"split {split!r} of {name} has {end - begin} rows (rows {begin} to {end}), but one window needs "
-                             f"seq_len + pred_len = {seq_len} + {pred_len} = {seq_len + pred_len} rows"
-                             + (" and count='probts' needs one row more" if end - begin == seq_len + pred_len else ""))
+            raise DataError(f"split {split!r} of {name} is too short: its windows read {end - begin} rows (rows {begin} to {end}), "
+                            f"but one window needs seq_len + pred_len = {seq_len} + {pred_len} = {seq_len + pred_len} rows"
+                            + (" and count='probts' needs one row more" if end - begin == seq_len + pred_len else "")
+                            + "; use a shorter seq_len/pred_len or a longer series")
         self.input_start = begin + stride * np.arange(n)                              # (n,) first input row of each window
         self.forecast_start = self.input_start + seq_len                              # (n,) first forecast row of each window
 
@@ -489,6 +506,20 @@ def window_loader(windows: Dataset, batch_size: int = 64, shuffle: bool = False,
         raise ValueError("drop_last=True is not allowed: it silently skips the last windows (a known TSLib/Time-LLM bug)")
     return DataLoader(windows, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers, drop_last=False, **kwargs)
 
+# %% ../../nbs/50_data.ett.ipynb #b38bc9a7
+def load_any(dataset: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, download: bool = False,
+             features: str = "M", seed: int = 0) -> TimeSeriesData:
+    "'synthetic' (embedded, from `seed`), a known name (ETTh1, …) or a path to a CSV in the ETT layout, as a `TimeSeriesData`."
+    if features not in FEATURES: raise UsageError(f"invalid features {features!r}; expected 'M' (all in, all out), 'S' (target only) or 'MS' (all in, target out)")
+    if dataset == "synthetic":
+        from tsdiffbench.data.synthetic import synthetic_data       # synthetic imports this module: import it when needed
+        return synthetic_data(seed=seed, features=features)
+    if str(dataset).lower().endswith(".csv"): return load_dataset("custom", path=dataset, features=features)
+    if dataset not in DATASETS:
+        raise UsageError(f"unknown data set {str(dataset)!r}; expected 'synthetic', one of {list(DATASETS)} "
+                         f"or the path of a .csv file in the ETT layout ('date' column, then numeric columns)")
+    return load_dataset(dataset, data_dir=data_dir, download=download, features=features)
+
 # %% ../../nbs/50_data.ett.ipynb #4936704d
 def describe_data(data: TimeSeriesData, seq_len: int = 96, label_len: int = 48, pred_len: int = 96) -> dict:
     "JSON-ready summary of a `TimeSeriesData`: split rows, window counts (stride 1 and ProbTS rolling), scaler statistics."
@@ -498,26 +529,42 @@ def describe_data(data: TimeSeriesData, seq_len: int = 96, label_len: int = 48, 
                "features": data.features, "freq": data.freq, "split_kind": data.split_kind,
                "first_date": str(data.dates[0]), "last_date": str(data.dates[-1]),
                "time_features": list(data.time_feature_names),
-               "seq_len": seq_len, "label_len": label_len, "pred_len": pred_len, "splits": {}}
+               "seq_len": seq_len, "label_len": label_len, "pred_len": pred_len, "splits": {}, "window_rows": {}}
     for split in SPLITS:
-        begin, end = data.borders[split]
-        try: window_begin, _ = data.split_rows(split, seq_len)
-        except ValueError: window_begin = None                       # not enough rows before the split: no windows
-        read = 0 if window_begin is None else end - window_begin
-        summary["splits"][split] = {"rows": [begin, end], "window_rows": None if window_begin is None else [window_begin, end]}
-        summary[f"{split}_windows"] = count_windows(read, seq_len, pred_len)
-        if split == "test":
-            summary["test_windows_rolling"] = count_windows(read, seq_len, pred_len, pred_len, "probts")   # ProbTS rolling evaluation
-            summary["test_windows_rolling_all"] = count_windows(read, seq_len, pred_len, pred_len, "all")  # every stride-pred_len window
-    summary["scaler"] = {c: {"mean": float(m), "std": float(s)} for c, m, s in zip(data.scaler.columns, data.scaler.mean, data.scaler.std)}
+        windows = data.windows(split, seq_len, label_len, pred_len)   # DataError naming the split when no window fits
+        summary["splits"][split] = list(data.borders[split])
+        summary["window_rows"][split] = [windows.begin, windows.end]
+        summary[f"{split}_windows"] = len(windows)
+    read = windows.end - windows.begin                                 # rows the test windows read
+    summary["test_windows_rolling"] = count_windows(read, seq_len, pred_len, pred_len, "probts")   # ProbTS rolling evaluation
+    summary["test_windows_rolling_all"] = count_windows(read, seq_len, pred_len, pred_len, "all")  # every stride-pred_len window
+    summary["scaler_mean"] = {c: float(m) for c, m in zip(data.scaler.columns, data.scaler.mean)}
+    summary["scaler_std"] = {c: float(s) for c, s in zip(data.scaler.columns, data.scaler.std)}
     return summary
 
-def describe(name: str, data_dir: str | os.PathLike | None = None, seq_len: int = 96, label_len: int = 48, pred_len: int = 96,
-             features: str = "M", path: str | os.PathLike | None = None, target: str | None = None, download: bool = False,
-             cache_dir: str | os.PathLike | None = None, freq: str | None = None) -> dict:
-    "Load `name` (see `load_dataset`) and summarise it with `describe_data`."
-    data = load_dataset(name, data_dir=data_dir, path=path, target=target, features=features, download=download, cache_dir=cache_dir, freq=freq)
+def describe(dataset: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, download: bool = False,
+             seq_len: int = 96, label_len: int = 48, pred_len: int = 96, features: str = "M", seed: int = 0) -> dict:
+    "Load `dataset` with `load_any` (a known name, 'synthetic' or a CSV path) and summarise it with `describe_data`."
+    _check_lengths(seq_len, label_len, pred_len, 1)                  # a wrong flag fails before any file is read
+    data = load_any(dataset, data_dir=data_dir, download=download, features=features, seed=seed)
     return describe_data(data, seq_len=seq_len, label_len=label_len, pred_len=pred_len)
+
+# %% ../../nbs/50_data.ett.ipynb #5e28af20
+def describe_table(info: dict) -> str:
+    "A plain-text table of a `describe` summary: splits (rows, window rows, window counts), then scaler mean/std per column."
+    pred_len = info["pred_len"]
+    lines = [f"{info['name']}: {info['n_rows']} rows × {len(info['columns'])} columns, freq {info['freq']!r}, "
+             f"{info['first_date']} … {info['last_date']}",
+             f"features {info['features']!r} (target {info['target']!r}), seq_len {info['seq_len']}, "
+             f"label_len {info['label_len']}, pred_len {pred_len}", "",
+             f"{'split':<6}{'target rows':>18}{'window rows':>18}{'windows':>10}"]
+    for split in SPLITS:
+        (a, b), (c, d) = info["splits"][split], info["window_rows"][split]
+        lines.append(f"{split:<6}{f'[{a}, {b})':>18}{f'[{c}, {d})':>18}{info[split + '_windows']:>10}")
+    lines += [f"test windows at rolling stride {pred_len} (ProbTS): {info['test_windows_rolling']}", "",
+              f"{'column':<12}{'train mean':>14}{'train std':>14}"]
+    lines += [f"{c:<12}{info['scaler_mean'][c]:>14.4f}{info['scaler_std'][c]:>14.4f}" for c in info["scaler_mean"]]
+    return "\n".join(lines)
 
 # %% ../../nbs/50_data.ett.ipynb #386b39bf
 SPLIT_COLOURS = {"train": "rgba(31,119,180,0.10)", "val": "rgba(255,127,14,0.15)", "test": "rgba(44,160,44,0.15)"}

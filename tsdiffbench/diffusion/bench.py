@@ -5,21 +5,18 @@
 # %% ../../nbs/14_diffusion.bench.ipynb #4d956551
 from __future__ import annotations
 
-import datetime
 import math
 import os
-import platform
-import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..core import atomic_write, save_json
 from .samplers import sample
+from ..metrics.bench import _timed
+from ..results import Run, column, table, write_results
 
 # %% auto #0
-__all__ = ['BenchDenoiser', 'run_sampling_benchmark', 'sampling_markdown', 'run_shared_cond_benchmark', 'shared_cond_markdown']
+__all__ = ['TEST_SET_TARGET_SECONDS', 'BenchDenoiser', 'run_sampling_benchmark', 'run_shared_cond_benchmark']
 
 # %% ../../nbs/14_diffusion.bench.ipynb #d4fb6fb8
 class BenchDenoiser(nn.Module):
@@ -45,26 +42,18 @@ class BenchDenoiser(nn.Module):
         return self.head(self.encoder(h))                                                  # (B, N, H)
 
 # %% ../../nbs/14_diffusion.bench.ipynb #d21bea56
-def _machine(load_before, load_after) -> dict:
-    "Platform, CPUs, torch version and threads, and the load averages around a timed run."
-    return dict(platform=platform.platform(), processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-                torch=torch.__version__, torch_threads=torch.get_num_threads(),
-                load_average_before=[round(v, 2) for v in load_before], load_average_after=[round(v, 2) for v in load_after])
-
-def _now() -> str: return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-def _timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    if isinstance(result, torch.Tensor) and result.is_cuda: torch.cuda.synchronize()
-    return result, time.perf_counter() - start
-
-def run_sampling_benchmark(out_dir: str | os.PathLike | None = "bench/results", *, batch: int = 32, n_variates: int = 7,
-                           horizon: int = 96, lookback: int = 96, n_samples: int = 100, steps: int = 50, sampler: str = "ddim",
-                           d_model: int = 128, n_layers: int = 2, seed: int = 0, device: str = "cpu", command: str | None = None) -> dict:
-    "Time naive (loop over samples) vs batched sampling with one denoiser; write sampling.json/.md to `out_dir` (None: don't write)."
+def run_sampling_benchmark(out: str | os.PathLike | None = "bench/results", *, batch: int = 32, n_samples: int = 100,
+                           steps: int = 50, sampler: str = "ddim", d_model: int = 128, n_layers: int = 2, n_variates: int = 7,
+                           horizon: int = 96, lookback: int = 96, seed: int = 0, device: str = "cpu",
+                           command: str | None = None, settings: dict | None = None) -> dict:
+    "Time naive (loop over samples) vs batched sampling with one denoiser; write sampling.{json,md} to `out` (None: don't write)."
     if sampler not in ("ddim", "euler", "heun"):
         raise ValueError(f"sampler must be deterministic ('ddim', 'euler' or 'heun') so both paths can be compared sample by sample, got {sampler!r}")
+    if settings is None:
+        settings = dict(out=None if out is None else str(out), batch=batch, n_samples=n_samples, steps=steps, sampler=sampler,
+                        d_model=d_model, n_layers=n_layers, n_variates=n_variates, horizon=horizon, lookback=lookback,
+                        seed=seed, device=str(device))
+    run = Run("bench-sampling", command, settings, str(device))
     torch.manual_seed(seed)
     model = BenchDenoiser(horizon, lookback, d_model, n_layers=n_layers).to(device).eval()
     g = torch.Generator(device=device).manual_seed(seed)
@@ -74,67 +63,36 @@ def run_sampling_benchmark(out_dir: str | os.PathLike | None = "bench/results", 
     kw = dict(sampler=sampler, steps=steps, schedule="linear", parameterization="eps", progress=False)
     sample(model, shape, cond, **{**kw, "steps": 1}, x_init=x_init[:1])                      # warm-up (allocator, kernels)
     sample(model, shape, cond, **{**kw, "steps": 1}, n_samples=n_samples, x_init=x_init)
-    load_before = os.getloadavg()
     naive, naive_s = _timed(lambda: torch.cat([sample(model, shape, cond, **kw, x_init=x_init[j:j + 1]) for j in range(n_samples)]))
     batched, batched_s = _timed(lambda: sample(model, shape, cond, **kw, n_samples=n_samples, x_init=x_init))
-    load_after = os.getloadavg()
+    difference = float((naive - batched).abs().max())
     sample_steps = n_samples * batch * steps
-    result = dict(
-        naive_seconds=round(naive_s, 3), batched_seconds=round(batched_s, 3), speedup=round(naive_s / batched_s, 2),
-        naive_sample_steps_per_second=round(sample_steps / naive_s, 1), batched_sample_steps_per_second=round(sample_steps / batched_s, 1),
-        max_abs_difference=float((naive - batched).abs().max()),
-        settings=dict(batch=batch, n_variates=n_variates, horizon=horizon, lookback=lookback, n_samples=n_samples, steps=steps,
-                      sampler=sampler, schedule="linear (T=1000)", parameterization="eps", d_model=d_model, n_layers=n_layers,
-                      n_parameters=sum(p.numel() for p in model.parameters()), seed=seed, device=device,
-                      network_calls=dict(naive=n_samples * steps, batched=steps), rows_per_call=dict(naive=batch, batched=batch * n_samples)),
-        machine=_machine(load_before, load_after), date=_now(),
-        command=command or _default_command(batch, n_samples, steps, sampler, d_model, n_layers, device, out_dir))
-    if out_dir is not None:
-        save_json(result, Path(out_dir) / "sampling.json")
-        with atomic_write(Path(out_dir) / "sampling.md") as f: f.write(sampling_markdown(result))
-    return result
-
-def _default_command(batch, n_samples, steps, sampler, d_model, n_layers, device, out_dir):
-    args = f"out_dir={str(out_dir)!r}, batch={batch}, n_samples={n_samples}, steps={steps}, sampler={sampler!r}, d_model={d_model}, n_layers={n_layers}, device={device!r}"
-    return f'python -c "from tsdiffbench.diffusion.bench import run_sampling_benchmark; run_sampling_benchmark({args})"'
-
-# %% ../../nbs/14_diffusion.bench.ipynb #91bd44b6
-def sampling_markdown(r: dict) -> str:
-    "Human-readable report of a `run_sampling_benchmark` result."
-    s, m = r["settings"], r["machine"]
-    busy = max(m["load_average_before"][0], m["load_average_after"][0]) > m["cpu_count"]
-    warning = (f"\n> **Contended run:** the 1-minute load average ({m['load_average_before'][0]} before, {m['load_average_after'][0]} after) exceeded "
-               f"the {m['cpu_count']} CPUs, so other jobs competed for the cores. Many small network calls (naive) suffer more from "
-               "contention than few large ones, so the speed-up is likely overstated; re-run the command on a quiet machine.\n") if busy else ""
-    return f"""# Sampling benchmark: naive loop over samples vs batched
-{warning}
-Same denoiser ({s['n_parameters']:,} parameters: variates-as-tokens Transformer, d_model {s['d_model']}, {s['n_layers']} layers), same starting
-noise, {s['sampler'].upper()} with {s['steps']} steps (deterministic) on {s['schedule']}, {s['parameterization']}-prediction,
-{s['n_samples']} samples for each of {s['batch']} windows of {s['n_variates']} variates × horizon {s['horizon']} (look-back {s['lookback']}),
-device {s['device']}. One run each, timed back to back after a warm-up.
-
-| | naive (loop over samples) | batched (samples folded into the batch) |
-|---|---|---|
-| network calls | {s['network_calls']['naive']} | {s['network_calls']['batched']} |
-| rows per call | {s['rows_per_call']['naive']} | {s['rows_per_call']['batched']} |
-| wall time (s) | {r['naive_seconds']} | {r['batched_seconds']} |
-| samples·steps per second | {r['naive_sample_steps_per_second']:,} | {r['batched_sample_steps_per_second']:,} |
-
-**Speed-up (naive / batched): {r['speedup']}×.** Largest difference between the two sets of samples: {r['max_abs_difference']:.1e}
-(float rounding; both paths compute the same deterministic map).
-
-A "sample" is one trajectory of one window, so each run covers n_samples × windows × steps = {s['n_samples'] * s['batch'] * s['steps']:,} sample-steps.
-
-Machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} threads.
-Load average (1, 5, 15 min) before: {m['load_average_before']}, after: {m['load_average_after']} — timings shift by
-several × when other jobs share the cores; compare only numbers taken side by side. Date: {r['date']}.
-
-Command (from the repository root):
-
-```
-{r['command']}
-```
-"""
+    records = [dict(path="naive", seconds=round(naive_s, 6), network_calls=n_samples * steps, rows_per_call=batch,
+                    sample_steps_per_second=round(sample_steps / naive_s, 1), max_abs_difference=0.0),
+               dict(path="batched", seconds=round(batched_s, 6), network_calls=steps, rows_per_call=batch * n_samples,
+                    sample_steps_per_second=round(sample_steps / batched_s, 1), max_abs_difference=difference)]
+    n_parameters = sum(p.numel() for p in model.parameters())
+    description = [
+        f"Same denoiser ({n_parameters:,} parameters: variates-as-tokens Transformer, d_model {d_model}, {n_layers} layers, "
+        f"random weights), same starting noise, {sampler.upper()} with {steps} steps (deterministic) on the linear schedule "
+        f"(T = 1000), eps-prediction, {n_samples} samples for each of {batch} windows of {n_variates} variates × horizon "
+        f"{horizon} (look-back {lookback}), device {device}.",
+        "*naive*: a Python loop of `n_samples` calls of `sample(..., n_samples=1)`, each with its slice of the starting noise; "
+        "*batched*: one call of `sample(..., n_samples=n_samples)`, the samples folded into the batch. One run each, timed "
+        "back to back after a warm-up. Many small network calls (naive) suffer more from other jobs on the machine than "
+        "few large ones, so on a loaded machine the speed-up is overstated.",
+        f"A sample-step is one step of one trajectory of one window: each path covers n_samples × windows × steps = "
+        f"{sample_steps:,} of them. *time ÷ batched* is the speed-up of batching; *max abs difference vs naive* compares "
+        "the two sets of samples (float rounding: both paths compute the same deterministic map)."]
+    tables = [table([column("seconds", "seconds", ".3f"), column("network calls", "network_calls", "int"),
+                     column("rows per call", "rows_per_call", "int"),
+                     column("sample-steps per second", "sample_steps_per_second", "int"),
+                     column("time ÷ batched", "seconds", ".2f", ratio_to="batched", suffix="×"),
+                     column("max abs difference vs naive", "max_abs_difference", ".1e")], index="path")]
+    res = run.results("Sampling benchmark: naive loop over samples vs batched", records, tables, description=description,
+                      summary=dict(speedup=round(naive_s / batched_s, 3), max_abs_difference=difference))
+    if out is not None: write_results(res, out, "sampling")
+    return res
 
 # %% ../../nbs/14_diffusion.bench.ipynb #f0d7393a
 class _SharedCond:
@@ -143,14 +101,22 @@ class _SharedCond:
     def __init__(self, model): self.model = model
     def __call__(self, x, t, cond): return self.model(x, t, cond)
 
-def run_shared_cond_benchmark(out_dir: str | os.PathLike | None = "bench/results", *, denoisers=("dit_s", "unet1d"),
+TEST_SET_TARGET_SECONDS = 120   # the issue's target: the whole ETTh1 test set, 100 samples, <= 10 steps, under 2 minutes
+
+def run_shared_cond_benchmark(out: str | os.PathLike | None = "bench/results", *, denoisers=("dit_s", "unet1d"),
                               batch: int = 64, n_samples: int = 100, steps=(5, 10), chunk_size: int | None = 50,
-                              n_vars: int = 7, pred_len: int = 96, d_cond: int = 128, test_windows: int = 2785,
-                              seed: int = 0, device: str = "cpu", repeats: int = 3, command: str | None = None) -> dict:
-    "Time Euler sampling with the forecasters' denoisers, condition tiled per sample vs shared per window; write sampling_shared_cond.json/.md."
+                              repeats: int = 3, test_windows: int = 2785, seed: int = 0, device: str = "cpu",
+                              n_vars: int = 7, pred_len: int = 96, d_cond: int = 128, command: str | None = None,
+                              settings: dict | None = None) -> dict:
+    "Time Euler sampling with the forecasters' denoisers, condition tiled per sample vs shared per window; write sampling_shared_cond.{json,md} to `out` (None: don't write)."
     from tsdiffbench.models.denoisers import DENOISERS                          # imported here: the diffusion package does not depend on models
     step_counts = [steps] if isinstance(steps, int) else list(steps)
-    rows, load_before = [], os.getloadavg()
+    if settings is None:
+        settings = dict(out=None if out is None else str(out), denoisers=list(denoisers), batch=batch, n_samples=n_samples,
+                        steps=step_counts, chunk_size=chunk_size, repeats=repeats, test_windows=test_windows, seed=seed,
+                        device=str(device), n_vars=n_vars, pred_len=pred_len, d_cond=d_cond)
+    run = Run("bench-sampling", command, settings, str(device))
+    records, sizes = [], {}
     for name in denoisers:
         torch.manual_seed(seed)
         options = {"base_channels": 32} if name == "unet1d" else {}    # as the diffusion_unet forecaster
@@ -165,53 +131,42 @@ def run_shared_cond_benchmark(out_dir: str | os.PathLike | None = "bench/results
         tiled_model = lambda x, t, c: model(x, t, c)                   # no `shared_cond`: the sampler tiles cond per sample
         shared_model = _SharedCond(model)                              # `shared_cond` on, whatever the network's default
         sample(shared_model, shape, cond, steps=1, x_init=x_init, **kw); sample(tiled_model, shape, cond, steps=1, x_init=x_init, **kw)   # warm-up
+        n_parameters = sum(p.numel() for p in model.parameters())
+        sizes[name] = (n_parameters, options)
         for n_steps in step_counts:
             times = {"tiled": [], "shared": []}
             for _ in range(repeats):                                   # interleaved, best of `repeats`: the least disturbed run
-                tiled, s = _timed(lambda: sample(tiled_model, shape, cond, steps=n_steps, x_init=x_init, **kw)); times["tiled"].append(round(s, 3))
-                shared, s = _timed(lambda: sample(shared_model, shape, cond, steps=n_steps, x_init=x_init, **kw)); times["shared"].append(round(s, 3))
+                tiled, s = _timed(lambda: sample(tiled_model, shape, cond, steps=n_steps, x_init=x_init, **kw)); times["tiled"].append(round(s, 4))
+                shared, s = _timed(lambda: sample(shared_model, shape, cond, steps=n_steps, x_init=x_init, **kw)); times["shared"].append(round(s, 4))
             tiled_s, shared_s = min(times["tiled"]), min(times["shared"])
             scale = test_windows / batch
-            rows.append(dict(denoiser=name, steps=n_steps, options=options, n_parameters=sum(p.numel() for p in model.parameters()),
-                             tiled_seconds=round(tiled_s, 3), shared_seconds=round(shared_s, 3), speedup=round(tiled_s / shared_s, 2),
-                             test_set_tiled_seconds=round(tiled_s * scale, 1), test_set_shared_seconds=round(shared_s * scale, 1),
-                             max_abs_difference=float((tiled - shared).abs().max()), runs=times))
-    result = dict(rows=rows, settings=dict(batch=batch, n_samples=n_samples, steps=step_counts, sampler="euler (flow matching)",
-                                           chunk_size=chunk_size, n_vars=n_vars, pred_len=pred_len, d_cond=d_cond,
-                                           test_windows=test_windows, seed=seed, device=device, repeats=repeats),
-                  machine=_machine(load_before, os.getloadavg()), date=_now(),
-                  command=command or ('python -c "from tsdiffbench.diffusion.bench import run_shared_cond_benchmark; '
-                                      f'run_shared_cond_benchmark(out_dir={str(out_dir)!r}, batch={batch}, steps={tuple(step_counts)}, device={device!r})"'))
-    if out_dir is not None:
-        save_json(result, Path(out_dir) / "sampling_shared_cond.json")
-        with atomic_write(Path(out_dir) / "sampling_shared_cond.md") as f: f.write(shared_cond_markdown(result))
-    return result
-
-def shared_cond_markdown(r: dict) -> str:
-    "Human-readable report of a `run_shared_cond_benchmark` result."
-    s, m = r["settings"], r["machine"]
-    lines = [f"| {x['denoiser']} | {x.get('steps', s['steps'])} | {x['n_parameters']:,} | {x['tiled_seconds']} | {x['shared_seconds']} | {x['speedup']}× | "
-             f"{x['test_set_tiled_seconds']} | {x['test_set_shared_seconds']} | {'met' if x['test_set_shared_seconds'] < 120 else 'missed'} | "
-             f"{x['max_abs_difference']:.1e} |" for x in r["rows"]]
-    return f"""# Sampling benchmark: condition tiled per sample vs shared per window
-
-The forecasters' denoisers (random weights), {s['n_samples']} samples for each of {s['batch']} windows ({s['n_vars']} variates ×
-horizon {s['pred_len']}, condition z of width {s['d_cond']} plus ŷ_det), {s['sampler']} with {' and '.join(map(str, s['steps']))} steps, chunks of
-{s['chunk_size']} samples, same starting noise, device {s['device']}. *tiled*: the sampler repeats the condition for every sample
-(the generic calling convention); *shared*: the network takes it once per window (`shared_cond = True`, the default of the DiT; off for the UNet). After a warm-up, the two
-run alternately {s['repeats']} times and the table shows the fastest of each (all runs are in the JSON). Test-set columns scale the times linearly to {s['test_windows']} windows (the ETTh1 test set); the issue's
-target is under 120 s for it.
-
-| denoiser | steps | parameters | tiled (s) | shared (s) | speed-up | test set, tiled (s) | test set, shared (s) | < 2 min | max abs difference |
-|---|---:|---:|---:|---:|---:|---:|---:|---|---:|
-{chr(10).join(lines)}
-
-Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} threads. Load average (1, 5, 15 min)
-before: {m['load_average_before']}, after: {m['load_average_after']}. Date: {r['date']}.
-
-Command (from the repository root):
-
-```
-{r['command']}
-```
-"""
+            records.append(dict(denoiser=name, steps=n_steps, n_parameters=n_parameters,
+                                tiled_seconds=tiled_s, shared_seconds=shared_s, speedup=round(tiled_s / shared_s, 2),
+                                test_set_tiled_seconds=round(tiled_s * scale, 1), test_set_shared_seconds=round(shared_s * scale, 1),
+                                target_120s="met" if shared_s * scale < TEST_SET_TARGET_SECONDS else "missed",
+                                max_abs_difference=float((tiled - shared).abs().max()),
+                                tiled_run_seconds=times["tiled"], shared_run_seconds=times["shared"]))
+    verdict = {v: [f"{r['denoiser']} at {r['steps']} steps" for r in records if r["target_120s"] == v] for v in ("met", "missed")}
+    nets = ", ".join(f"{name} ({n:,} parameters" + "".join(f", {k} {v}" for k, v in o.items()) + ")" for name, (n, o) in sizes.items())
+    description = [
+        f"The forecasters' denoisers with random weights (normal, std 0.05): {nets}. {n_samples} samples for each of {batch} "
+        f"windows ({n_vars} variates × horizon {pred_len}, condition z of width {d_cond} plus ŷ_det), Euler flow-matching "
+        f"sampling with {' and '.join(map(str, step_counts))} steps, chunks of {chunk_size} samples, same starting noise, device {device}.",
+        "*tiled*: the sampler repeats the condition for every sample (the generic calling convention); *shared*: the network "
+        "takes it once per window (`shared_cond = True`, the default of the DiT; off for the UNet). After a warm-up the two "
+        f"run alternately {repeats} times; *tiled (s)* and *shared (s)* are the fastest run of each (all runs are in the "
+        "JSON: `tiled_run_seconds`, `shared_run_seconds`), *speed-up* is tiled ÷ shared, and *max abs difference* compares "
+        "the two sets of samples (float rounding).",
+        f"The test-set columns scale those times linearly to {test_windows:,} windows (the ETTh1 test set). The issue's target "
+        f"is under {TEST_SET_TARGET_SECONDS} s for it (record field `target_120s`, shared condition): "
+        f"met by {', '.join(verdict['met']) or 'none'}; missed by {', '.join(verdict['missed']) or 'none'}."]
+    columns = [column("parameters", "n_parameters", "int"), column("tiled (s)", "tiled_seconds", ".3f"),
+               column("shared (s)", "shared_seconds", ".3f"), column("speed-up", "speedup", ".2f", suffix="×"),
+               column("test set, tiled (s)", "test_set_tiled_seconds", ".1f"),
+               column("test set, shared (s)", "test_set_shared_seconds", ".1f"),
+               column("max abs difference", "max_abs_difference", ".1e")]
+    tables = [table(columns, index="denoiser", title=f"{n} Euler step" + ("" if n == 1 else "s"), where={"steps": n}) for n in step_counts]
+    res = run.results("Sampling benchmark: condition tiled per sample vs shared per window", records, tables,
+                      description=description)
+    if out is not None: write_results(res, out, "sampling_shared_cond")
+    return res

@@ -5,22 +5,19 @@
 # %% ../../nbs/44_metrics.bench.ipynb #521e8702
 from __future__ import annotations
 
-import datetime
 import os
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..core import atomic_write, save_json, seed_everything
+from ..core import seed_everything
 from .probabilistic import crps_ensemble
+from ..results import Run, column, table, write_results
 
 # %% auto #0
-__all__ = ['crps_ensemble_loop', 'run_crps_speed_benchmark', 'crps_speed_markdown']
+__all__ = ['crps_ensemble_loop', 'run_crps_speed_benchmark']
 
 # %% ../../nbs/44_metrics.bench.ipynb #c0886644
 def crps_ensemble_loop(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -35,10 +32,12 @@ def crps_ensemble_loop(samples: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return scores
 
 # %% ../../nbs/44_metrics.bench.ipynb #c95321e4
-def _time_once(fn, *args):
-    "Wall-clock seconds of one call of `fn(*args)` and its result."
-    start = time.perf_counter(); result = fn(*args)
-    return time.perf_counter() - start, result
+def _timed(fn, *args):
+    "`(result, wall seconds)` of one call `fn(*args)`, waiting for the GPU when the result is a CUDA tensor."
+    start = time.perf_counter()
+    result = fn(*args)
+    if isinstance(result, torch.Tensor) and result.is_cuda: torch.cuda.synchronize(result.device)
+    return result, time.perf_counter() - start
 
 def _properscoring_chunked(samples: np.ndarray, target: np.ndarray, chunk: int) -> np.ndarray:
     "properscoring.crps_ensemble over (m, P) samples in chunks of `chunk` points (its NumPy path needs O(P m²) memory)."
@@ -46,96 +45,67 @@ def _properscoring_chunked(samples: np.ndarray, target: np.ndarray, chunk: int) 
     return np.concatenate([properscoring.crps_ensemble(target[i:i + chunk], samples[:, i:i + chunk], axis=0)
                            for i in range(0, target.shape[0], chunk)])
 
-def _load_average() -> list[float] | None:
-    "1, 5 and 15 minute load averages (None where the platform has none)."
-    try: return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError): return None
+def _properscoring_version() -> str | None:
+    "properscoring's version ('unknown' if it has none), or None when it is not installed."
+    try: import properscoring
+    except ImportError: return None
+    return getattr(properscoring, "__version__", "unknown")
 
 # %% ../../nbs/44_metrics.bench.ipynb #5569ab16
-def run_crps_speed_benchmark(out_dir: str | os.PathLike = "bench/results", m: int = 100, n_points: int = 400_000,
-                             seed: int = 0, *, repeats: int = 5, properscoring_chunk: int = 2000,
-                             command: str | None = None) -> dict:
-    "Time a naive per-point loop CRPS vs the vectorised `crps_ensemble` (and properscoring); write crps_speed.json/.md."
+def run_crps_speed_benchmark(out: str | os.PathLike | None = "bench/results", *, seed: int = 0, m: int = 100,
+                             n_points: int = 400_000, repeats: int = 5, properscoring: bool = True,
+                             properscoring_chunk: int = 2000, command: str | None = None,
+                             settings: dict | None = None) -> dict:
+    "Time a naive per-point loop CRPS vs the vectorised `crps_ensemble` (and properscoring); write crps_speed.{json,md} to `out` (None: don't write)."
     if m < 1 or n_points < 1 or repeats < 1: raise ValueError(f"need m, n_points, repeats >= 1; got m={m}, n_points={n_points}, repeats={repeats}")
-    if command is None:
-        command = (f'python -c "from tsdiffbench.metrics.bench import run_crps_speed_benchmark; '
-                   f"run_crps_speed_benchmark({str(out_dir)!r}, m={m}, n_points={n_points}, seed={seed})\"")
-    load_before = _load_average()
+    if settings is None:
+        settings = dict(out=None if out is None else str(out), seed=seed, m=m, n_points=n_points, repeats=repeats,
+                        properscoring=properscoring, properscoring_chunk=properscoring_chunk)
+    run = Run("bench-crps", command, settings, device="cpu")
     generator = seed_everything(seed)
     samples = torch.randn(m, n_points, generator=generator, dtype=torch.float64)   # (m, P)
     target = torch.randn(n_points, generator=generator, dtype=torch.float64)       # (P,)
 
-    loop_seconds, loop_scores = _time_once(crps_ensemble_loop, samples, target)
+    loop_scores, loop_seconds = _timed(crps_ensemble_loop, samples, target)
+    vectorized = lambda: crps_ensemble(samples, target, reduction="none")
     crps_ensemble(samples[:, :1000], target[:1000], reduction="none")              # warm-up (allocator, kernels)
-    vectorized_runs = []
-    for _ in range(repeats):
-        seconds, vectorized_scores = _time_once(lambda s, y: crps_ensemble(s, y, reduction="none"), samples, target)
-        vectorized_runs.append(seconds)
-    vectorized_seconds = statistics.median(vectorized_runs)
-    max_abs_diff = float((loop_scores - vectorized_scores).abs().max())
+    runs = [_timed(vectorized) for _ in range(repeats)]
+    measured = [("naive loop", loop_scores, [loop_seconds]), ("crps_ensemble", runs[-1][0], [s for _, s in runs])]
+    version = _properscoring_version() if properscoring else None
+    if version is not None:
+        reference, seconds = _timed(_properscoring_chunked, samples.numpy(), target.numpy(), properscoring_chunk)
+        measured.append(("properscoring", torch.from_numpy(reference), [seconds]))
 
-    properscoring_seconds = properscoring_max_abs_diff = properscoring_version = None
-    try:
-        import properscoring
-        properscoring_version = getattr(properscoring, "__version__", "unknown")
-    except ImportError: pass
-    if properscoring_version is not None:
-        properscoring_seconds, reference = _time_once(_properscoring_chunked, samples.numpy(), target.numpy(), properscoring_chunk)
-        properscoring_max_abs_diff = float(np.abs(reference - vectorized_scores.numpy()).max())
-    if max_abs_diff > 1e-9 or (properscoring_max_abs_diff or 0.0) > 1e-9:
-        raise RuntimeError(f"implementations disagree: loop vs vectorised {max_abs_diff:.3g}, properscoring vs vectorised {properscoring_max_abs_diff}")
+    records = [dict(implementation=name, seconds=round(statistics.median(times), 6), run_seconds=[round(s, 6) for s in times],
+                    us_per_point=round(1e6 * statistics.median(times) / n_points, 4),
+                    max_abs_diff=float((scores - loop_scores).abs().max()))
+               for name, scores, times in measured]
+    disagree = {r["implementation"]: r["max_abs_diff"] for r in records if r["max_abs_diff"] > 1e-9}
+    if disagree: raise RuntimeError(f"implementations disagree with the loop (largest absolute difference): {disagree}")
 
-    result = {
-        "benchmark": "crps_ensemble speed: naive per-point Python loop vs vectorised sorted-sample CRPS",
-        "command": command,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "loop_seconds": round(loop_seconds, 4),
-        "vectorized_seconds": round(vectorized_seconds, 5),
-        "speedup": round(loop_seconds / vectorized_seconds, 1),
-        "vectorized_seconds_runs": [round(s, 5) for s in vectorized_runs],
-        "vectorized_seconds_min": round(min(vectorized_runs), 5),
-        "properscoring_seconds": None if properscoring_seconds is None else round(properscoring_seconds, 4),
-        "speedup_vs_properscoring": None if properscoring_seconds is None else round(properscoring_seconds / vectorized_seconds, 1),
-        "max_abs_diff": max_abs_diff,
-        "properscoring_max_abs_diff": properscoring_max_abs_diff,
-        "settings": {"m": m, "n_points": n_points, "seed": seed, "dtype": "float64", "repeats": repeats,
-                     "properscoring_chunk": properscoring_chunk, "device": "cpu", "data": "samples and target iid N(0, 1)"},
-        "implementations": {
-            "loop": "tsdiffbench.metrics.bench.crps_ensemble_loop: Python loop over points, per point mean|x-y| - 0.5 mean|x_i-x_j| (O(m^2))",
-            "vectorized": "tsdiffbench.metrics.probabilistic.crps_ensemble: sorted-sample formula, all points at once (O(m log m)); input checks included; on CPU the sort is np.sort (metrics.point.sort_members)",
-            "properscoring": "properscoring.crps_ensemble (NumPy fallback without numba: O(m^2) per point), in chunks of properscoring_chunk points"},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-                     "properscoring": properscoring_version},
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "processor": platform.processor() or platform.machine()},
-        "load_average_before": load_before,
-        "load_average_after": _load_average(),
-    }
-    out_dir = Path(out_dir)
-    save_json(result, out_dir / "crps_speed.json")
-    with atomic_write(out_dir / "crps_speed.md") as f: f.write(crps_speed_markdown(result))
-    return result
-
-# %% ../../nbs/44_metrics.bench.ipynb #ec77ec02
-def crps_speed_markdown(result: dict) -> str:
-    "Render a `run_crps_speed_benchmark` result as a Markdown report with a table and the producing command."
-    s, n = result["settings"], result["settings"]["n_points"]
-    rows = [("naive Python loop over points (pairwise, O(m²) per point)", result["loop_seconds"]),
-            ("tsdiffbench `crps_ensemble` (sorted samples, vectorised)", result["vectorized_seconds"])]
-    if result["properscoring_seconds"] is not None:
-        rows.append((f"properscoring `crps_ensemble` {result['versions']['properscoring']} (NumPy path, chunks of {s['properscoring_chunk']})",
-                     result["properscoring_seconds"]))
-    lines = ["# CRPS speed: vectorised sorted-sample CRPS vs a naive loop", "",
-             f"Command: `{result['command']}`", "",
-             f"Produced {result['created']} on {result['machine']['cpu_count']} CPU(s) ({result['machine']['torch_threads']} torch threads), "
-             f"load average before {result['load_average_before']}, after {result['load_average_after']}.", "",
-             "| implementation | seconds | µs per point | speed-up vs loop |", "|---|---:|---:|---:|"]
-    for name, seconds in rows:
-        lines.append(f"| {name} | {seconds:.4g} | {1e6 * seconds / n:.3g} | {result['loop_seconds'] / seconds:.3g}× |")
-    lines += ["", f"Settings: m = {s['m']} members, {n} points, {s['dtype']}, {s['data']}, seed {s['seed']}; all three run "
-              f"one after the other in one process on the same data. Vectorised time: median of {s['repeats']} runs "
-              f"(runs: {result['vectorized_seconds_runs']}).", "",
-              f"Agreement: max |loop − vectorised| = {result['max_abs_diff']:.3g}"
-              + ("" if result["properscoring_max_abs_diff"] is None else f", max |properscoring − vectorised| = {result['properscoring_max_abs_diff']:.3g}") + ".", "",
-              f"Versions: Python {result['versions']['python']}, torch {result['versions']['torch']}, NumPy {result['versions']['numpy']}.", ""]
-    return "\n".join(lines)
+    seconds = {r["implementation"]: r["seconds"] for r in records}
+    summary = dict(speedup=round(seconds["naive loop"] / seconds["crps_ensemble"], 2),
+                   speedup_vs_properscoring=(round(seconds["properscoring"] / seconds["crps_ensemble"], 2)
+                                             if "properscoring" in seconds else None))
+    ps_line = (f"*properscoring*: `properscoring.crps_ensemble` {version} (its NumPy path without numba: O(m²) per point), "
+               f"in chunks of {properscoring_chunk} points; run once." if version is not None else
+               "*properscoring*: not run (" + ("not installed" if properscoring else "`properscoring=False`") + ").")
+    description = [
+        f"Time to score {n_points:,} points of an ensemble of m = {m} members (float64, samples and target iid N(0, 1), "
+        f"seed {seed}); the implementations run one after the other in one process on the same data, on the CPU.",
+        "*naive loop*: `tsdiffbench.metrics.bench.crps_ensemble_loop`, a Python loop over points, each scored with the "
+        "pairwise formula mean|x − y| − ½ mean|x_i − x_j| (O(m²)); run once.",
+        "*crps_ensemble*: `tsdiffbench.metrics.probabilistic.crps_ensemble`, the sorted-sample formula for all points at once "
+        f"(O(m log m); input checks included; on CPU the sort is `np.sort`); after one warm-up call it runs {repeats} times "
+        "and *seconds* is the median of those runs (all runs are in the JSON, `run_seconds`).",
+        ps_line,
+        "*time ÷ crps_ensemble* is each implementation's seconds over the vectorised one's, i.e. how many times faster "
+        "`crps_ensemble` is; *max abs diff vs loop* is the largest difference of its scores from the loop's (the run "
+        "fails above 1e-9)."]
+    tables = [table([column("seconds", "seconds", ".4g"), column("µs per point", "us_per_point", ".3g"),
+                     column("time ÷ crps_ensemble", "seconds", ".3g", ratio_to="crps_ensemble", suffix="×"),
+                     column("max abs diff vs loop", "max_abs_diff", ".1e")], index="implementation")]
+    res = run.results("CRPS speed: vectorised sorted-sample CRPS vs a naive loop", records, tables,
+                      description=description, summary=summary)
+    if out is not None: write_results(res, out, "crps_speed")
+    return res

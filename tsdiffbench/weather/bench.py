@@ -5,28 +5,23 @@
 # %% ../../nbs/37_weather.bench.ipynb #bf7af43d
 from __future__ import annotations
 
-import datetime
-import json
-import math
-import os
-import platform
-import shlex
+import inspect
 import time
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..core import atomic_write, get_device, progress as progress_bar, save_json, seed_everything
+from ..core import get_device, progress as progress_bar, seed_everything
 from ..metrics.weather import acc, weighted_mae, weighted_rmse
+from ..results import Run, cell_stats, column, table, write_results
 from .data import ClimatologyForecaster, PersistenceForecaster, WeatherData, load_weather
 
 # %% auto #0
-__all__ = ['INPUT_MODES', 'BASELINES', 'DEFAULT_EPOCHS', 'DEFAULT_MODEL_KWARGS', 'model_inputs', 'lead_hours', 'score_forecast',
-           'zoo_registry', 'available_models', 'fit_and_forecast', 'run_weather_bench', 'weather_results_table',
-           'weather_markdown', 'write_weather_results']
+__all__ = ['INPUT_MODES', 'BASELINES', 'DEFAULT_EPOCHS', 'DEFAULT_MODEL_KWARGS', 'RUN_OPTIONS', 'model_inputs', 'lead_hours',
+           'score_forecast', 'zoo_registry', 'available_models', 'fit_and_forecast', 'constructor_options',
+           'plan_models', 'run_weather_bench', 'weather_tables', 'weather_description', 'weather_summary']
 
 # %% ../../nbs/37_weather.bench.ipynb #e87825bd
 INPUT_MODES = ("anomaly", "raw")
@@ -72,27 +67,19 @@ def score_forecast(data: WeatherData, forecast: torch.Tensor, target: torch.Tens
 BASELINES = ("persistence", "climatology")
 
 def zoo_registry():
-    "The zoo's model registry with every family imported (None if the zoo is not installed)."
-    try:
-        from tsdiffbench.weather import zoo
-    except ImportError: return None
-    loader = getattr(zoo, "load_all", None)
-    if loader is not None:
-        try: loader()
-        except ImportError as e: print(f"warning: a zoo family failed to import ({e}); using the models that did")
-    return zoo.WEATHER_MODELS
+    "The zoo's model registry with every family imported; an ImportError of the zoo or of any family propagates."
+    from tsdiffbench.weather.zoo import load_all
+    return load_all()
 
 def available_models() -> list[str]:
     "Names accepted by `run_weather_bench(models=...)`: the two baselines, then the zoo's models."
-    registry = zoo_registry()
-    return list(BASELINES) + (sorted(registry) if registry is not None else [])
+    return list(BASELINES) + sorted(zoo_registry())
 
 def fit_and_forecast(name: str, data: WeatherData, train: dict, val: dict, test: dict, *, epochs: int, lr: float,
                      batch_size: int, seed: int = 0, device="auto", progress=None, model_kwargs: dict | None = None) -> dict:
     "Fit zoo model `name` on the model-space tensors and return its normalised test forecast, params and timing."
-    from tsdiffbench.weather.zoo import count_params, extra_planes_of, fit_model, predict
+    from tsdiffbench.weather.zoo import count_params, extra_planes_of, fit_model, is_closed_form, predict
     registry = zoo_registry()                                                            # imports every model family
-    if registry is None: raise ImportError("the weather model zoo (tsdiffbench.weather.zoo) is not installed")
     H, W = data.grid_shape
     planes = extra_planes_of(train["extras"], H, W) if train["extras"] else {}
     seed_everything(seed)
@@ -104,7 +91,6 @@ def fit_and_forecast(name: str, data: WeatherData, train: dict, val: dict, test:
     fit = fit_model(model, (train["x"], train["y"], train["extras"]), (val["x"], val["y"], val["extras"]), epochs=epochs,
                     lr=lr, batch_size=batch_size, seed=seed, device=device, progress=progress)
     forecast = predict(model, test["x"], test["extras"], batch_size=max(batch_size, 64), device=device).cpu() + test["offset"]
-    from tsdiffbench.weather.zoo import is_closed_form
     closed_form = is_closed_form(model)                                                  # ridge: no epochs
     return dict(forecast=forecast, params=count_params(model), train_seconds=fit["train_seconds"], closed_form=closed_form,
                 epochs_run=None if closed_form else len(fit["history"]), best_epoch=None if closed_form else fit.get("best_epoch"),
@@ -115,11 +101,7 @@ DEFAULT_EPOCHS = 10
 # ridge's default α = 1 overfits ~30 k features (NCEP anomaly inputs, 2169 windows: 4.35 K at 24 h, worse than persistence);
 # a grid lets the zoo's hold-out choose α
 DEFAULT_MODEL_KWARGS = {"ridge": {"alpha": (1e1, 1e2, 1e3, 1e4, 1e5)}, "ridge_per_var": {"alpha": (1e1, 1e2, 1e3, 1e4, 1e5)}}
-
-def _epochs_for(name: str, epochs) -> int:
-    if epochs is None: return DEFAULT_EPOCHS
-    if isinstance(epochs, Mapping): return int(epochs.get(name, DEFAULT_EPOCHS))
-    return int(epochs)
+RUN_OPTIONS = ("epochs", "seeds")                                                        # per-model options that are not constructor keywords
 
 def _resolve_models(models) -> list[str]:
     known = available_models()
@@ -127,121 +109,170 @@ def _resolve_models(models) -> list[str]:
     names = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models)
     unknown = [m for m in names if m not in known]
     if unknown: raise ValueError(f"unknown weather model(s) {unknown}; available: {known}")
+    if len(set(names)) < len(names): raise ValueError(f"weather model(s) named twice in {names}")
     return names
 
-def _default_command(dataset, data_dir, models, epochs, seed, quick, inputs) -> str:
-    args = [f"dataset={dataset!r}"] + ([f"data_dir={str(data_dir)!r}"] if data_dir else []) + \
-           ([f"models={models!r}"] if models not in (None, "all") else []) + ([f"epochs={epochs!r}"] if epochs is not None else []) + \
-           [f"seed={seed}"] + (["quick=True"] if quick else []) + ([f"inputs={inputs!r}"] if inputs != "anomaly" else [])
-    return f"python -c \"from tsdiffbench.weather.bench import run_weather_bench; run_weather_bench({', '.join(args)})\""
+def constructor_options(name: str) -> list[str] | None:
+    "Constructor keywords `model_options` may set for zoo model `name` (None: any, its factory takes **kwargs)."
+    params = list(inspect.signature(zoo_registry()[name]).parameters.values())[5:]      # after n_in, n_out, channels, height, width
+    if any(p.kind is p.VAR_KEYWORD for p in params): return None
+    return [p.name for p in params if p.name != "extra_planes"]                           # extra_planes: set from `inputs`
+
+def _seed_list(seeds, what: str) -> list[int]:
+    seeds = [seeds] if isinstance(seeds, (int, np.integer)) else seeds
+    ok = isinstance(seeds, Sequence) and not isinstance(seeds, str) and len(seeds) > 0 and \
+         all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    if not ok: raise ValueError(f"{what} must be a non-empty list of non-negative integers, got {seeds!r}")
+    if len(set(seeds)) < len(seeds): raise ValueError(f"{what} repeats a seed: {list(seeds)}")
+    return [int(s) for s in seeds]
+
+def _positive_int(v, what: str) -> int:
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{what} must be a positive integer, got {v!r}")
+    return int(v)
+
+def plan_models(names: Sequence[str], model_options: Mapping | None = None, seeds: Sequence[int] = (0,),
+                epochs: int | None = None, quick: bool = False) -> dict:
+    "Per model: constructor `kwargs` (DEFAULT_MODEL_KWARGS under the user's), `epochs` and `seeds`; ValueError for bad options."
+    seeds, model_options = _seed_list(seeds, "seeds"), model_options or {}
+    if isinstance(epochs, Mapping):
+        raise ValueError("epochs is one number for every trained model; per-model epochs go in model_options={model: {'epochs': n}}")
+    epochs = DEFAULT_EPOCHS if epochs is None else _positive_int(epochs, "epochs")
+    if not isinstance(model_options, Mapping): raise ValueError(f"model_options must be a dict {{model: {{option: value}}}}, got {model_options!r}")
+    not_run = [m for m in model_options if m not in names]
+    if not_run: raise ValueError(f"model_options name model(s) {not_run} that are not being run (models: {list(names)})")
+    plan = {}
+    for name in names:
+        opts = model_options.get(name) or {}
+        if not isinstance(opts, Mapping): raise ValueError(f"model_options[{name!r}] must be a dict of options, got {opts!r}")
+        if name in BASELINES:
+            if opts: raise ValueError(f"{name!r} is a deterministic baseline with nothing to configure; got options {sorted(opts)}")
+            plan[name] = dict(kwargs={}, epochs=None, seeds=seeds[:1])
+            continue
+        allowed = constructor_options(name)
+        kwargs = {k: v for k, v in opts.items() if k not in RUN_OPTIONS}
+        unknown = [] if allowed is None else sorted(set(kwargs) - set(allowed))
+        if unknown:
+            hint = " (extra_planes is set by the benchmark from `inputs`)" if "extra_planes" in unknown else ""
+            raise ValueError(f"unknown option(s) {unknown} for weather model {name!r}{hint}; it takes the constructor "
+                             f"keywords {allowed} and {list(RUN_OPTIONS)}")
+        n_epochs = _positive_int(opts["epochs"], f"model_options[{name!r}]['epochs']") if "epochs" in opts else epochs
+        plan[name] = dict(kwargs={**DEFAULT_MODEL_KWARGS.get(name, {}), **kwargs}, epochs=1 if quick else n_epochs,
+                          seeds=_seed_list(opts["seeds"], f"model_options[{name!r}]['seeds']") if "seeds" in opts else seeds)
+    return plan
 
 # %% ../../nbs/37_weather.bench.ipynb #5103b6d7
-def run_weather_bench(dataset: str = "toy", data_dir=None, models: str | Sequence[str] = "all", epochs=None,
-                      out="bench/results", seed: int = 0, quick: bool = False, *, inputs: str = "anomaly",
-                      lr: float = 1e-3, batch_size: int = 32, device="auto", progress: bool | None = None,
-                      model_kwargs: Mapping[str, dict] | None = None, command: str | None = None,
-                      load_kwargs: dict | None = None, return_forecasts: bool = False, strict: bool = False):
+def run_weather_bench(dataset: str = "toy", data_dir=None, models: str | Sequence[str] = "all", out="bench/results",
+                      seeds: Sequence[int] = (0,), quick: bool = False, model_options: Mapping[str, dict] | None = None, *,
+                      epochs: int | None = None, inputs: str = "anomaly", lr: float = 1e-3, batch_size: int = 32,
+                      device="auto", progress: bool | None = None, command: str | None = None, settings: dict | None = None,
+                      load_kwargs: dict | None = None, return_forecasts: bool = False):
     "Fit and score persistence, climatology and the zoo on 'toy' or 'ncep'; write weather_{dataset}.json/.md into `out` (None: don't write)."
-    started, load_before = time.perf_counter(), os.getloadavg()
     names = _resolve_models(models)
+    plan = plan_models(names, model_options, seeds, epochs, quick)                      # bad options fail before any loading
+    if inputs not in INPUT_MODES: raise ValueError(f"unknown inputs mode {inputs!r}; expected one of {INPUT_MODES}")
+    if settings is None:
+        settings = dict(dataset=dataset, data_dir=None if data_dir is None else str(data_dir), models=models if isinstance(models, str) else list(models),
+                        out=None if out is None else str(out), seeds=_seed_list(seeds, "seeds"), quick=quick,
+                        model_options=dict(model_options or {}), epochs=epochs, inputs=inputs, lr=lr, batch_size=batch_size,
+                        device=str(device), load_kwargs=load_kwargs)
+    run = Run("weather", command, settings, device=str(get_device(device)))
     data = load_weather(dataset, data_dir=data_dir, **(load_kwargs or {}))
     stride = 4 if quick else 1
     train = model_inputs(data, "train", inputs, stride)
     val, test = model_inputs(data, "val", inputs), model_inputs(data, "test", inputs)
-    forecasts, records, failures, settings_epochs = {}, [], {}, {}
+    forecasts, records, epochs_used = {}, [], {}
     for name in progress_bar(names, desc=f"weather bench ({dataset})", disable=None if progress is None else not progress):
-        t0 = time.perf_counter()
-        if name == "persistence":
-            forecast, params, seconds, info = PersistenceForecaster(data.n_out).predict(test["x_raw"]), 0, 0.0, {}
-        elif name == "climatology":
-            forecast, params, seconds, info = test["clim_target"], 0, 0.0, {}
-        else:
-            n_epochs = 1 if quick else _epochs_for(name, epochs)
-            settings_epochs[name] = n_epochs
+        for seed in plan[name]["seeds"]:
+            t0 = time.perf_counter()
             try:
-                result = fit_and_forecast(name, data, train, val, test, epochs=n_epochs, lr=lr, batch_size=batch_size,
-                                          seed=seed, device=device, progress=progress, model_kwargs={**DEFAULT_MODEL_KWARGS, **(model_kwargs or {})}.get(name))
-            except Exception as e:                                                       # one broken model must not sink the table
-                if strict: raise
-                failures[name] = f"{type(e).__name__}: {e}"
-                print(f"warning: {name} failed: {failures[name]}")
+                if name == "persistence":
+                    forecast, params, seconds, info = PersistenceForecaster(data.n_out).predict(test["x_raw"]), 0, 0.0, {}
+                elif name == "climatology":
+                    forecast, params, seconds, info = test["clim_target"], 0, 0.0, {}
+                else:
+                    result = fit_and_forecast(name, data, train, val, test, epochs=plan[name]["epochs"], lr=lr, batch_size=batch_size,
+                                              seed=seed, device=device, progress=progress, model_kwargs=plan[name]["kwargs"])
+                    forecast, params, seconds = result["forecast"], result["params"], result["train_seconds"]
+                    n_epochs = None if result["closed_form"] else plan[name]["epochs"]
+                    epochs_used[name] = "closed form" if n_epochs is None else n_epochs
+                    info = dict(epochs=n_epochs, epochs_run=result["epochs_run"], best_epoch=result["best_epoch"])
+                recs = score_forecast(data, forecast, test["y_raw"], test["clim_target"], model=name, params=params,
+                                      train_seconds=seconds, seed=seed, dataset=data.name,
+                                      inputs=inputs if name not in BASELINES else "-", wall_seconds=time.perf_counter() - t0, **info)
+            except Exception as e:                                                       # loud: traceback printed, kept in res["failures"]
+                run.fail(name, e, seed=seed)
                 continue
-            forecast, params, seconds = result["forecast"], result["params"], result["train_seconds"]
-            if result["closed_form"]: settings_epochs.pop(name); n_epochs = None
-            info = dict(epochs=n_epochs, epochs_run=result["epochs_run"], best_epoch=result["best_epoch"])
-        records += score_forecast(data, forecast, test["y_raw"], test["clim_target"], model=name, params=params,
-                                  train_seconds=seconds, dataset=data.name, inputs=inputs if name not in BASELINES else "-",
-                                  wall_seconds=time.perf_counter() - t0, **info)
-        if return_forecasts: forecasts[name] = data.inverse_transform(forecast)
-    settings = dict(dataset=data.name, inputs=inputs, epochs=settings_epochs, lr=lr, batch_size=batch_size, seed=seed,
-                    quick=quick, n_train_windows=len(train["x"]), n_val_windows=len(val["x"]), n_test_windows=len(test["x"]),
-                    grid=list(data.grid_shape), variables=data.variables, splits={k: list(v) for k, v in data.splits.items()},
-                    device=str(get_device(device)), torch=torch.__version__, python=platform.python_version(),
-                    torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
-                    load_average_before=[round(v, 2) for v in load_before],
-                    load_average_after=[round(v, 2) for v in os.getloadavg()],
-                    total_seconds=round(time.perf_counter() - started, 1),
-                    date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), failures=failures,
-                    command=command or _default_command(dataset, data_dir, models, epochs, seed, quick, inputs))
-    if out is not None: write_weather_results(records, settings, out)
-    return (records, forecasts, data) if return_forecasts else records
+            records += recs
+            if return_forecasts and name not in forecasts: forecasts[name] = data.inverse_transform(forecast)
+    tables = weather_tables(data, with_persistence=any(r["model"] == "persistence" for r in records))
+    res = run.results(f"Weather benchmark: {data.name}", records, tables,
+                      description=weather_description(data, plan, epochs_used, train=len(train["x"]), val=len(val["x"]),
+                                                      test=len(test["x"]), stride=stride, inputs=inputs, lr=lr,
+                                                      batch_size=batch_size, quick=quick),
+                      summary=weather_summary(records, tables))
+    if out is not None: write_results(res, out, f"weather_{data.name}")
+    return (res, forecasts, data) if return_forecasts else res
 
 # %% ../../nbs/37_weather.bench.ipynb #52660325
-def weather_results_table(records: list[dict], variable: str | None = None) -> pd.DataFrame:
-    "Wide table for one variable: RMSE per lead, MAE/ACC at the last lead, ratio to persistence, params, train seconds."
-    df = pd.DataFrame(records)
-    missing = {"model", "variable", "lead_hours", "rmse", "mae", "acc", "params", "train_seconds"} - set(df.columns)
-    if missing: raise ValueError(f"records need the fields {sorted(missing)}")
-    variable = variable or df.variable.iloc[0]
-    df = df[df.variable == variable]
-    last = df.lead_hours.max()
-    wide = df.pivot_table(index="model", columns="lead_hours", values="rmse", sort=False)
-    wide.columns = [f"RMSE +{h} h" for h in wide.columns]
-    at_last = df[df.lead_hours == last].set_index("model")
-    wide[f"MAE +{last} h"] = at_last["mae"]
-    wide[f"ACC +{last} h"] = at_last["acc"].astype(float)
-    if "persistence" in at_last.index:
-        wide[f"RMSE / persistence +{last} h"] = at_last["rmse"] / float(at_last.loc["persistence", "rmse"])
-    wide["params"] = at_last["params"].astype(int)
-    wide["train s"] = at_last["train_seconds"]
-    return wide.sort_values(f"RMSE +{last} h")
+def weather_tables(data: WeatherData, with_persistence: bool = True) -> list[dict]:
+    "One table per variable: RMSE per lead, MAE/ACC at the last lead, RMSE ratio to persistence, params, train seconds."
+    leads = lead_hours(data); last = leads[-1]
+    specs = []
+    for variable, units in zip(data.variables, data.units):
+        cols = [column(f"RMSE +{h} h", "rmse", ".3f", where={"lead_hours": h}) for h in leads]
+        cols += [column(f"MAE +{last} h", "mae", ".3f", where={"lead_hours": last}),
+                 column(f"ACC +{last} h", "acc", ".3f", where={"lead_hours": last})]
+        if with_persistence:
+            cols.append(column(f"RMSE / persistence +{last} h", "rmse", ".3f", where={"lead_hours": last}, ratio_to="persistence"))
+        cols += [column("params", "params", "int", where={"lead_hours": last}),
+                 column("train s", "train_seconds", ".1f", where={"lead_hours": last})]
+        specs.append(table(cols, index="model", title=f"{variable} ({units})", where={"variable": variable},
+                           best=f"RMSE +{last} h", sort=f"RMSE +{last} h"))
+    return specs
 
-def _fmt(v, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)): return "–"
-    if isinstance(v, (int, np.integer)): return f"{v:,}"
-    return f"{v:.{digits}f}"
+def _seed_groups(plan: dict) -> str:
+    groups = {}
+    for name, p in plan.items():
+        if name not in BASELINES: groups.setdefault(tuple(p["seeds"]), []).append(name)
+    return "; ".join(f"{', '.join(map(str, s))} for {', '.join(ms)}" for s, ms in groups.items())
 
-def weather_markdown(records: list[dict], settings: dict) -> str:
-    "The Markdown report: one table per variable, the command, settings and load average."
-    df = pd.DataFrame(records)
-    lines = [f"# Weather benchmark: {settings['dataset']}", "",
-             f"Command: `{settings['command']}`", "",
-             f"Run {settings['date']} on {settings['device']} ({settings['cpu_count']} CPU cores, {settings['torch_threads']} torch threads), "
-             f"torch {settings['torch']}, {settings['total_seconds']:.0f} s in total. Load average (1, 5, 15 min) before "
-             f"{settings['load_average_before']}, after {settings['load_average_after']} — other jobs shared the machine when these "
-             "exceed the core count, which inflates the training times.", "",
-             f"Grid {settings['grid'][0]} × {settings['grid'][1]}, variables {settings['variables']}, splits {settings['splits']}; "
-             f"{settings['n_train_windows']} train / {settings['n_val_windows']} val / {settings['n_test_windows']} test windows "
-             f"(12 → 4 six-hourly steps, stride 1). Zoo models: inputs = `{settings['inputs']}`, epochs {settings['epochs']} (ridge: closed form), "
-             f"lr {settings['lr']}, batch {settings['batch_size']}, seed {settings['seed']}, early stopping on the validation split.", "",
-             "Scores on the original scale over all test windows: latitude-weighted RMSE and MAE (cos-latitude weights, mean 1), "
-             "ACC against the train climatology (climatology itself: undefined, –).", ""]
-    if settings.get("quick"): lines += ["**Quick mode** (every 4th train window, 1 epoch): a smoke test, not a result.", ""]
-    for variable in dict.fromkeys(df.variable):
-        table = weather_results_table(records, variable)
-        units = df[df.variable == variable].units.iloc[0]
-        lines += [f"## {variable} ({units})", "", "| model | " + " | ".join(table.columns) + " |",
-                  "|---|" + "---:|" * len(table.columns)]
-        lines += ["| " + " | ".join([str(m)] + [_fmt(v.item() if hasattr(v, "item") else v) for v in row]) + " |"
-                  for m, row in zip(table.index, table.itertuples(index=False))]
-        lines.append("")
-    if settings.get("failures"):
-        lines += ["## Models that failed", ""] + [f"- `{k}`: {v}" for k, v in settings["failures"].items()] + [""]
-    return "\n".join(lines)
+def weather_description(data: WeatherData, plan: dict, epochs_used: dict, *, train: int, val: int, test: int, stride: int,
+                        inputs: str, lr: float, batch_size: int, quick: bool) -> list[str]:
+    "The description lines of a weather results file: data, splits, windows, scoring, training, seeds."
+    leads, (H, W) = lead_hours(data), data.grid_shape
+    step_h = int(round(data.step / pd.Timedelta("1h")))
+    lines = [f"Data set `{data.name}`: variables {', '.join(f'{v} ({u})' for v, u in zip(data.variables, data.units))} on a "
+             f"{H} × {W} grid; {data.n_in} → {data.n_out} steps of {step_h} h (lead times {', '.join(map(str, leads))} h).",
+             "Splits (time ranges): " + ", ".join(f"{k} {a} – {b}" for k, (a, b) in data.splits.items())
+             + f"; {train} train windows (stride {stride}), {val} validation and {test} test windows (stride 1).",
+             "Scores on the original scale over all test windows: latitude-weighted RMSE (square root after averaging over "
+             "windows and grid points) and MAE (cos-latitude weights, mean 1), and the ACC against the train climatology at the "
+             f"target times (for climatology itself undefined: –). The ratio column divides a model's mean +{leads[-1]} h RMSE "
+             "by persistence's."]
+    zoo = [n for n in plan if n not in BASELINES]
+    if zoo:
+        epochs = ", ".join(f"{n} {epochs_used.get(n, plan[n]['epochs'])}" for n in zoo)
+        lines.append(f"Zoo models: inputs `{inputs}`, AdamW lr {lr}, batch {batch_size}, early stopping on the validation "
+                     f"split; epochs: {epochs}.")
+        lines.append(f"Seeds: {_seed_groups(plan)}.")
+    base = [n for n in plan if n in BASELINES]
+    if base: lines.append(f"{' and '.join(base).capitalize()} {'is' if len(base) == 1 else 'are'} deterministic: run once "
+                          f"(seed {plan[base[0]]['seeds'][0]}).")
+    if quick: lines.append("**Quick mode** (every 4th train window, 1 epoch): a smoke test of the pipeline, not a result.")
+    return lines
 
-def write_weather_results(records: list[dict], settings: dict, out) -> tuple[Path, Path]:
-    "Write weather_{dataset}.json (records) and weather_{dataset}.md (report) atomically into `out`."
-    out = Path(out)
-    json_path = save_json(records, out / f"weather_{settings['dataset']}.json")
-    with atomic_write(out / f"weather_{settings['dataset']}.md") as f: f.write(weather_markdown(records, settings) + "\n")
-    return json_path, out / f"weather_{settings['dataset']}.md"
+def weather_summary(records: list[dict], tables: list[dict]) -> dict:
+    "Per variable: the model with the lowest mean last-lead RMSE, its spread and its ratio to persistence."
+    best = {}
+    for spec in tables:
+        cols = {c["label"]: c for c in spec["columns"]}
+        col, ratio = cols[spec["best"]], next((c for c in spec["columns"] if c.get("ratio_to")), None)
+        rows = dict.fromkeys(r["model"] for r in records if r.get("variable") == spec["where"]["variable"])
+        stats = {m: cell_stats(records, spec, col, m) for m in rows}
+        stats = {m: s for m, s in stats.items() if s[2] > 0}
+        if not stats: continue
+        m = min(stats, key=lambda k: stats[k][0]); mean, std, n = stats[m]
+        best[spec["where"]["variable"]] = dict(model=m, rmse=mean, rmse_std=std, seeds=n, lead_hours=col["where"]["lead_hours"],
+                                               rmse_over_persistence=cell_stats(records, spec, ratio, m)[0] if ratio else None)
+    return dict(best=best, models=list(dict.fromkeys(r["model"] for r in records)))
