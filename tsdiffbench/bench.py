@@ -19,6 +19,7 @@ from .data.synthetic import synthetic_data
 from .metrics import coverage, crps_ensemble, crps_quantile, mae, mse, nmae, point_forecast
 from .models.base import FORECASTERS, Forecaster, window_tensors
 from .results import Run, column, table, write_results
+from .viz import add_fan
 
 # %% auto #0
 __all__ = ['MAIN_MODELS', 'MAIN_OPTIONS', 'RUNNER_OPTIONS', 'RECORD_FIELDS', 'TSLIB', 'PROBTS', 'Persistence', 'SeasonalNaive',
@@ -205,14 +206,7 @@ def fan_chart(data: TimeSeriesData, forecasts: dict, window: int = 0, variate: i
     gen = seed_everything(seed)
     for k, (name, model) in enumerate(forecasts.items()):
         s = orig(model.sample(hist[window:window + 1], tidx[window:window + 1], n_samples, gen)[:, 0])   # (m, H)
-        c = colors[k % len(colors)]
-        if len(s) == 1:
-            fig.add_scatter(x=t_fut, y=s[0].numpy(), name=name, line=dict(color=c, dash="dash")); continue
-        q = torch.quantile(s, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95]), dim=0).numpy()
-        for lo, hi, op, lab in [(0, 4, 0.15, "90 %"), (1, 3, 0.3, "50 %")]:
-            fig.add_scatter(x=np.r_[t_fut, t_fut[::-1]], y=np.r_[q[lo], q[hi][::-1]], fill="toself", fillcolor=c,
-                            opacity=op, line_width=0, name=f"{name} {lab}", legendgroup=name)
-        fig.add_scatter(x=t_fut, y=q[2], name=f"{name} median", line_color=c, legendgroup=name)
+        add_fan(fig, t_fut, s, name=name, color=colors[k % len(colors)])
     fig.add_scatter(x=t_fut, y=orig(tgt[window]).numpy(), name="truth", line=dict(color="black", dash="dot"))
     fig.update_layout(title=f"{data.name}: {cols[v]}, {split} window {window} (original scale)",
                       xaxis_title="steps from forecast origin", yaxis_title=cols[v], height=420)

@@ -18,21 +18,19 @@ from pathlib import Path
 __all__ = ['SETTINGS_EXCLUDED', 'build_parser', 'settings_of', 'recorded_command', 'parse_command', 'compare_results', 'main']
 
 # %% ../nbs/01_cli.ipynb #fda23204
-def _seeds(value) -> list[int]:
-    "Seeds from '0,1,2' (flag) or a list (config): non-negative integers."
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    try: seeds = [int(str(s).strip()) for s in items]
-    except ValueError: raise argparse.ArgumentTypeError(f"seeds must be comma-separated non-negative integers like 0,1,2; got {value!r}") from None
-    if not seeds or min(seeds) < 0: raise argparse.ArgumentTypeError(f"seeds must be comma-separated non-negative integers like 0,1,2; got {value!r}")
-    return seeds
+def _int_list(minimum: int, what: str, example: str):
+    "An argparse type: comma-separated integers ≥ `minimum` from a flag ('0,1,2') or a list (from a config file)."
+    def parse(value) -> list[int]:
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        try: out = [int(str(s).strip()) for s in items]
+        except ValueError: out = []
+        if not out or min(out) < minimum:
+            raise argparse.ArgumentTypeError(f"{what} must be comma-separated integers ≥ {minimum} like {example}; got {value!r}")
+        return out
+    parse.__name__ = f"integers ≥ {minimum}"
+    return parse
 
-def _ints(value) -> list[int]:
-    "Positive integers from '5,10' (flag) or a list (config)."
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    try: out = [int(str(s).strip()) for s in items]
-    except ValueError: raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 5,10; got {value!r}") from None
-    if not out or min(out) < 1: raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 5,10; got {value!r}")
-    return out
+_seeds, _ints = _int_list(0, "seeds", "0,1,2"), _int_list(1, "steps", "5,10")
 
 def _add_data_args(p: argparse.ArgumentParser, default_dataset: str):
     p.add_argument("--dataset", default=default_dataset,
@@ -54,6 +52,7 @@ def _add_run_args(p: argparse.ArgumentParser, out_default, *, seeds: bool = True
                    help="a line of free text for the results' Notes section (repeatable), e.g. what shared the machine")
     if keep_going: p.add_argument("--keep-going", action="store_true",
                                   help="exit 0 even when a model failed (failures are still recorded and printed)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice); recorded with the results")
     p.add_argument("--config", default=None, help="YAML file with any of these options (flags given on the command line win)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 _MODEL_OPTIONS_HELP = ('per-model options as a JSON/YAML mapping, e.g. \'{"flow": {"max_steps": 600, "steps": 5}}\'; '
@@ -324,6 +323,10 @@ def _cmd_reproduce(args, ctx) -> int:
 # %% ../nbs/01_cli.ipynb #ff4505cd
 _COMMANDS["reproduce"] = _cmd_reproduce
 
+def _usage(msg: str):
+    from tsdiffbench.core import UsageError
+    return UsageError(msg)
+
 def _is_input_error(e: BaseException) -> bool:
     "An error of the user's input: an InputError, a missing file, or a ValueError raised by tsdiffbench's own checks."
     from tsdiffbench.core import InputError
@@ -342,6 +345,10 @@ def main(argv: list | None = None) -> int:
     try:
         args = _merge_config(args, parser, argv)
         if getattr(args, "quiet", False): os.environ["TSDIFFBENCH_QUIET"] = "1"
+        if getattr(args, "threads", None) is not None:
+            import torch
+            if args.threads < 1: raise _usage(f"--threads must be ≥ 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         ctx = {} if args.command in ("data", "reproduce") else dict(command=recorded_command(argv, args, parser), settings=settings_of(args))
         result = _COMMANDS[args.command](args, ctx)
     except Exception as e:

@@ -9,6 +9,7 @@ import hashlib
 import http.client
 import math
 import os
+import urllib.error
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -94,7 +95,7 @@ def _download_verified(info: DatasetInfo, dest: Path) -> Path:
     try:
         try: fetch_url(info.url, part)
         except (OSError, http.client.HTTPException) as e:               # URLError, refused/reset connections, timeouts, short reads
-            reason = getattr(e, "reason", None) or e
+            reason = e.reason if type(e) is urllib.error.URLError else e   # the refused/unreachable cause; HTTPError: "HTTP Error 404: ..."
             raise DataError(f"download of {info.name} from {info.url} failed ({reason}); nothing was kept. Without internet, "
                             f"copy {info.name}.csv into a folder and pass it with --data-dir (data_dir=) or TSDIFFBENCH_DATA") from e
         actual = sha256_file(part)
@@ -114,7 +115,7 @@ def resolve_csv(name: str, data_dir: str | os.PathLike | None = None, download: 
         raise UsageError("a 'custom' data set has no download source; pass the CSV itself: load_dataset('custom', path=...)")
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     if root is not None and not root.is_dir():
-        source = "--data-dir (data_dir=)" if data_dir is not None else "TSDIFFBENCH_DATA"
+        source = "--data-dir" if data_dir is not None else "TSDIFFBENCH_DATA"
         raise DataError(f"data directory {root} (from {source}) does not exist or is not a folder; "
                         f"point --data-dir or TSDIFFBENCH_DATA at the folder holding {name}.csv")
     searched = []

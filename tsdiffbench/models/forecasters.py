@@ -27,8 +27,8 @@ from ..train import Trainer, TrainConfig, ramp
 from ..viz import add_fan
 
 # %% auto #0
-__all__ = ['window_dataset', 'check_windows', 'PointForecaster', 'DiffusionNet', 'DiffusionForecaster', 'variate_fan_chart',
-           'forecast_panel']
+__all__ = ['window_dataset', 'check_windows', 'PointForecaster', 'DiffusionNet', 'DiffusionForecaster', 'select_noise_scale',
+           'variate_fan_chart', 'forecast_panel']
 
 # %% ../../nbs/23_models.forecasters.ipynb #1abdee0f
 def window_dataset(data: TimeSeriesData, split: str, seq_len: int, pred_len: int, stride: int = 1) -> TensorDataset:
@@ -249,6 +249,26 @@ class DiffusionForecaster(Forecaster):
         if not return_trajectory: return y
         return y, traj
 
+# %% ../../nbs/23_models.forecasters.ipynb #e4191dc6
+def select_noise_scale(sample_fn, target: torch.Tensor, scales, *, seed: int = 0, fair: bool = False):
+    "(best scale, {scale: ensemble CRPS}) over `scales`; `sample_fn(scale, generator)` returns an ensemble (m, *target.shape)."
+    scores = {}
+    for scale in scales:
+        ensemble = sample_fn(scale, torch.Generator().manual_seed(seed))   # the same noise at every scale, only rescaled
+        scores[scale] = crps_ensemble(ensemble, target, fair=fair).item()
+    return min(scores, key=scores.get), scores
+
+@patch
+def calibrate_noise_scale(self: DiffusionForecaster, n_windows: int = 256, n_samples: int = 32) -> float:
+    "The initial-noise scale in `calibrate_scales` with the lowest validation ensemble CRPS; the scores go to `self.calibration`."
+    hist, tgt, _ = window_tensors(self.data, "val", self.seq_len, self.pred_len, 1)   # (W, S, N), (W, H, N)
+    idx = torch.linspace(0, len(hist) - 1, min(n_windows, len(hist))).long()          # evenly spread windows
+    def sample_fn(scale, generator):                                                   # (n_samples, len(idx), H, N)
+        return torch.cat([self.sample(hist[idx[i:i + 128]], None, n_samples, generator, init_scale=scale)
+                          for i in range(0, len(idx), 128)], 1)
+    best, self.calibration = select_noise_scale(sample_fn, tgt[idx].float(), self.calibrate_scales, seed=self.seed)
+    return best
+
 # %% ../../nbs/23_models.forecasters.ipynb #30f9b6cd
 def _register(name: str):
     "Register a factory in models.base.FORECASTERS (idempotent: re-importing the module replaces the entry)."
@@ -283,25 +303,21 @@ _register("flow_plain")(_diffusion("Plain flow matching from N(0, I), Euler 10 s
 def variate_fan_chart(model: Forecaster, data: TimeSeriesData, window: int = 0, *, seq_len: int, pred_len: int,
                       n_samples: int = 100, seed: int = 0, split: str = "test"):
     "A plotly figure with one fan chart per output variate for rolling `split` window `window` (original scale)."
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
     hist, tgt, tidx = window_tensors(data, split, seq_len, pred_len, pred_len, count="probts")
     if not -len(hist) <= window < len(hist): raise ValueError(f"window {window} out of range: {split} has {len(hist)} rolling windows")
     s = model.sample(hist[window:window + 1], tidx[window:window + 1], n_samples, torch.Generator().manual_seed(seed))[:, 0]
     orig = lambda x: data.select_output(data.inverse_transform(x))
     s, h, y = orig(s), orig(hist[window]), orig(tgt[window])                        # (m, H, N'), (S, N'), (H, N')
-    q = torch.quantile(s.float(), torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95]), dim=0).numpy()   # (5, H, N')
     cols = data.output_columns
     fig = make_subplots(rows=len(cols), cols=1, shared_xaxes=True, subplot_titles=list(cols), vertical_spacing=0.02)
     th, tf = np.arange(-seq_len + 1, 1), np.arange(1, pred_len + 1)
     for v in range(len(cols)):
         row, show = v + 1, v == 0
-        fig.add_scatter(x=th, y=h[:, v].numpy(), line_color="black", name="history", showlegend=show, row=row, col=1)
-        for lo, hi, op, lab in [(0, 4, 0.2, "90 %"), (1, 3, 0.4, "50 %")]:
-            fig.add_scatter(x=np.r_[tf, tf[::-1]], y=np.r_[q[lo, :, v], q[hi, ::-1, v]], fill="toself", fillcolor="#1f77b4",
-                            opacity=op, line_width=0, name=lab, showlegend=show, row=row, col=1)
-        fig.add_scatter(x=tf, y=q[2, :, v], line_color="#1f77b4", name="median", showlegend=show, row=row, col=1)
-        fig.add_scatter(x=tf, y=y[:, v].numpy(), line=dict(color="black", dash="dot"), name="truth", showlegend=show, row=row, col=1)
+        fig.add_scatter(x=th, y=h[:, v].numpy(), line_color="black", name="history", legendgroup="history", showlegend=show, row=row, col=1)
+        add_fan(fig, tf, s[:, :, v], name=model.name, showlegend=show, row=row, col=1)             # 90 %, 50 % bands, median
+        fig.add_scatter(x=tf, y=y[:, v].numpy(), line=dict(color="black", dash="dot"), name="truth", legendgroup="truth",
+                        showlegend=show, row=row, col=1)
     fig.update_layout(height=180 * len(cols), title=f"{model.name} on {data.name}, {split} window {window}", margin=dict(t=60))
     return fig
 
@@ -325,12 +341,9 @@ def forecast_panel(model: DiffusionForecaster, data: TimeSeriesData, *, seq_len:
         s, tr = model.sample(hist[i:i + 1], tidx[i:i + 1], w["n_samples"].value, torch.Generator().manual_seed(0),
                              steps=w["steps"].value, sampler=w["sampler"].value, return_trajectory=True)
         s = orig(s[:, 0])[..., v]                                                         # (m, H)
-        q = torch.quantile(s.float(), torch.tensor([0.05, 0.5, 0.95]), dim=0).numpy()    # (3, H)
         x0 = model.net.from_target(tr.x0_hat[:, :1, 0].float(), *_cond_refs(model, hist[i:i + 1]))   # (steps, 1, H, N)
         tf = np.arange(1, pred_len + 1)
-        fan = go.Figure()
-        fan.add_scatter(x=np.r_[tf, tf[::-1]], y=np.r_[q[0], q[2][::-1]], fill="toself", opacity=0.3, line_width=0, name="90 %")
-        fan.add_scatter(x=tf, y=q[1], name="median")
+        fan = add_fan(go.Figure(), tf, s, name=model.name)                                     # 90 %, 50 % bands, median
         fan.add_scatter(x=tf, y=orig(tgt[i])[:, v].numpy(), name="truth", line_dash="dot")
         fan.update_layout(title=f"{cols[v]}: window {i}, {w['sampler'].value} × {w['steps'].value} steps", height=320)
         traj = go.Figure()

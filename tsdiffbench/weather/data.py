@@ -5,6 +5,7 @@
 # %% ../../nbs/30_weather.data.ipynb #5e35ccf9
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -16,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core import shared_data_dir
+from ..core import DataError, UsageError, shared_data_dir
 
 # %% auto #0
 __all__ = ['COORD_ALIASES', 'EXPECTED_UNITS', 'WEATHERBENCH_SPLITS', 'NCEP_SPLITS', 'DAYS_IN_YEAR', 'EARTH_RADIUS', 'GRAVITY',
@@ -44,30 +45,30 @@ COORD_ALIASES = {"latitude": "lat", "longitude": "lon", "isobaricInhPa": "level"
                  "pressure_level": "level", "valid_time": "time"}
 
 def _check_monotonic(values: np.ndarray, name: str) -> int:
-    "+1 if strictly increasing, -1 if strictly decreasing; otherwise a ValueError naming the first offending index."
-    if values.ndim != 1 or len(values) < 2: raise ValueError(f"coordinate {name!r} must be 1-D with at least 2 points; got shape {values.shape}")
-    if not np.isfinite(values).all(): raise ValueError(f"coordinate {name!r} has non-finite values")
+    "+1 if strictly increasing, -1 if strictly decreasing; otherwise a DataError naming the first offending index."
+    if values.ndim != 1 or len(values) < 2: raise DataError(f"coordinate {name!r} must be 1-D with at least 2 points; got shape {values.shape}")
+    if not np.isfinite(values).all(): raise DataError(f"coordinate {name!r} has non-finite values")
     d = np.diff(values)
     for sign in (1, -1):
         if (sign * d > 0).all(): return sign
     bad = int(np.argmax(np.sign(d) != np.sign(d[0])))
-    raise ValueError(f"coordinate {name!r} is not monotonic: {values[bad]} → {values[bad + 1]} → {values[min(bad + 2, len(values) - 1)]} "
-                     f"around index {bad + 1}; expected strictly increasing or decreasing values")
+    raise DataError(f"coordinate {name!r} is not monotonic: {values[bad]} → {values[bad + 1]} → {values[min(bad + 2, len(values) - 1)]} "
+                    f"around index {bad + 1}; expected strictly increasing or decreasing values")
 
 def standardize_coords(ds):
     "Rename coordinates to time/lat/lon/level, check lat/lon (1-D, strictly monotonic, |lat| ≤ 90) and make both ascending."
     xr = _xarray()
     ds = ds.rename({k: v for k, v in COORD_ALIASES.items() if k in ds.variables and v not in ds.variables})
     for name in ("time", "lat", "lon"):
-        if name not in ds.coords: raise ValueError(f"no {name!r} coordinate; found coordinates {sorted(ds.coords)} "
-                                                   f"(accepted aliases: {COORD_ALIASES})")
+        if name not in ds.coords: raise DataError(f"no {name!r} coordinate; found coordinates {sorted(ds.coords)} "
+                                                  f"(accepted aliases: {COORD_ALIASES})")
     lat, lon = np.asarray(ds["lat"].values, dtype=float), np.asarray(ds["lon"].values, dtype=float)
     lat_sign, lon_sign = _check_monotonic(lat, "lat"), _check_monotonic(lon, "lon")
-    if np.abs(lat).max() > 90: raise ValueError(f"latitudes must lie in [-90, 90] degrees; got range [{lat.min()}, {lat.max()}]")
+    if np.abs(lat).max() > 90: raise DataError(f"latitudes must lie in [-90, 90] degrees; got range [{lat.min()}, {lat.max()}]")
     if lat_sign < 0: ds = ds.isel(lat=slice(None, None, -1))
     if lon_sign < 0: ds = ds.isel(lon=slice(None, None, -1))
     if not np.issubdtype(ds["time"].dtype, np.datetime64):
-        raise ValueError(f"the time coordinate must decode to datetime64; got dtype {ds['time'].dtype} (check its units attribute)")
+        raise DataError(f"the time coordinate must decode to datetime64; got dtype {ds['time'].dtype} (check its units attribute)")
     _check_monotonic(ds["time"].values.astype("datetime64[ns]").astype(np.int64).astype(float), "time")
     return ds
 
@@ -90,29 +91,50 @@ def check_units(ds, names: Sequence[str], expected_units: dict | None = None) ->
         want, have = table.get(name), ds[name].attrs.get("units")
         if want is None or have is None: continue
         if _canonical_unit(have) != _canonical_unit(want):
-            raise ValueError(f"variable {name!r} has units {have!r}; expected {want!r} "
-                             f"(convert the data, or pass expected_units={{{name!r}: {have!r}}} if that is intended)")
+            raise DataError(f"variable {name!r} has units {have!r}; expected {want!r} "
+                            f"(convert the data, or pass expected_units={{{name!r}: {have!r}}} if that is intended)")
 
 # %% ../../nbs/30_weather.data.ipynb #a4a36ddf
 def _is_zarr(path: Path) -> bool:
     return path.is_dir() and (path.suffix == ".zarr" or (path / ".zgroup").exists() or (path / "zarr.json").exists())
+
+def _reason(e: Exception) -> str:
+    "The first sentence of a reader's error message."
+    return str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+
+def _open_error(files: list, engine: str | None, error: Exception) -> DataError:
+    "A DataError naming the first of `files` that does not open on its own (else all of them), with the reader's reason."
+    xr = _xarray()
+    for f in files:
+        try: xr.open_dataset(f, engine=engine).close()
+        except (OSError, ValueError) as e: return DataError(f"{f} is not a readable netCDF file ({_reason(e)})")
+    return DataError(f"the netCDF files {[str(f) for f in files]} cannot be opened together ({_reason(error)})")
+
+@contextlib.contextmanager
+def _about(where):
+    "Prefix the DataErrors raised inside with the file or data set they concern."
+    try: yield
+    except DataError as e: raise DataError(f"{where}: {e}") from e
 
 def open_weather(path, *, engine: str | None = None, chunks="auto"):
     "Open a WeatherBench-format netCDF file, folder of netCDF files, or zarr store as a lazy (dask) xarray Dataset with standard coordinates."
     xr = _xarray()
     paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
     missing = [str(p) for p in paths if not p.exists()]
-    if missing: raise FileNotFoundError(f"weather data not found: {missing}")
+    if missing: raise DataError(f"weather data not found: {missing}; pass the path of a netCDF file, a folder of them or a zarr store")
     if len(paths) == 1 and _is_zarr(paths[0]):
-        ds = xr.open_zarr(paths[0], chunks=chunks)
+        try: ds = xr.open_zarr(paths[0], chunks=chunks)
+        except (OSError, ValueError) as e: raise DataError(f"{paths[0]} is not a readable zarr store ({_reason(e)})") from e
     else:
         files = []
         for p in paths: files += sorted(p.rglob("*.nc")) if p.is_dir() else [p]
-        if not files: raise FileNotFoundError(f"no .nc files under {[str(p) for p in paths]} (and not a zarr store)")
-        ds = (xr.open_dataset(files[0], engine=engine, chunks=chunks) if len(files) == 1 else
-              xr.open_mfdataset(files, engine=engine, chunks=chunks, combine="by_coords", data_vars="minimal",
-                                coords="minimal", compat="override", join="outer"))
-    return standardize_coords(ds)
+        if not files: raise DataError(f"no .nc files under {[str(p) for p in paths]} (and not a zarr store)")
+        try:
+            ds = (xr.open_dataset(files[0], engine=engine, chunks=chunks) if len(files) == 1 else
+                  xr.open_mfdataset(files, engine=engine, chunks=chunks, combine="by_coords", data_vars="minimal",
+                                    coords="minimal", compat="override", join="outer"))
+        except (OSError, ValueError) as e: raise _open_error(files, engine, e) from e
+    with _about(paths[0] if len(paths) == 1 else [str(p) for p in paths]): return standardize_coords(ds)
 
 # %% ../../nbs/30_weather.data.ipynb #d2d00cd2
 def _variable_dims_ok(da) -> bool:
@@ -125,21 +147,21 @@ def _channel_parts(ds, name: str, levels):
         m = re.fullmatch(r"([A-Za-z_]+?)(\d+)", name)
         if m is None or m.group(1) not in ds.data_vars:
             known = [v for v in ds.data_vars if _variable_dims_ok(ds[v])]
-            raise KeyError(f"variable {name!r} not found; available variables: {known} "
+            raise DataError(f"variable {name!r} not found; available variables: {known} "
                            f"(a name like 'z500' selects variable 'z' at level 500)")
         var, level = m.group(1), int(m.group(2))
     da = ds[var]
     if not _variable_dims_ok(da):
         extra = [d for d in da.dims if d not in ("time", "lat", "lon", "level")]
-        raise ValueError(f"variable {var!r} has dims {da.dims}; expected (time, [level,] lat, lon)"
-                         + (f" — select the extra dims {extra} first (e.g. ds.isel({extra[0]}=0))" if extra else ""))
+        raise DataError(f"variable {var!r} has dims {da.dims}; expected (time, [level,] lat, lon)"
+                        + (f" — select the extra dims {extra} first (e.g. ds.isel({extra[0]}=0))" if extra else ""))
     if "level" not in da.dims:
-        if level is not None: raise KeyError(f"variable {var!r} has no level dimension, so {name!r} cannot select level {level}")
+        if level is not None: raise DataError(f"variable {var!r} has no level dimension, so {name!r} cannot select level {level}")
         return [(name, da.transpose("time", "lat", "lon"))]
     available = [int(v) if float(v).is_integer() else float(v) for v in da["level"].values]
     wanted = [level] if level is not None else (list(levels) if levels is not None else available)
     absent = [lv for lv in wanted if lv not in available]
-    if absent: raise KeyError(f"variable {var!r} has no level(s) {absent}; available levels: {available}")
+    if absent: raise DataError(f"variable {var!r} has no level(s) {absent}; available levels: {available}")
     return [(f"{var}{lv}", da.sel(level=lv).transpose("time", "lat", "lon")) for lv in wanted]
 
 def select_fields(ds, variables: Sequence[str] | str | None = None, levels: Sequence[float] | None = None,
@@ -149,10 +171,10 @@ def select_fields(ds, variables: Sequence[str] | str | None = None, levels: Sequ
     if isinstance(variables, str): variables = [variables]
     if variables is None:
         variables = [v for v in ds.data_vars if _variable_dims_ok(ds[v])]
-        if not variables: raise ValueError(f"no data variable with dims (time, [level,] lat, lon); found {dict(ds.sizes)} and variables {list(ds.data_vars)}")
+        if not variables: raise DataError(f"no data variable with dims (time, [level,] lat, lon); found {dict(ds.sizes)} and variables {list(ds.data_vars)}")
     parts = [p for name in variables for p in _channel_parts(ds, name, levels)]
     names = [n for n, _ in parts]
-    if len(set(names)) != len(names): raise ValueError(f"channels repeat: {names}")
+    if len(set(names)) != len(names): raise UsageError(f"channels repeat: {names}")
     check_units(ds, list(dict.fromkeys(da.name for _, da in parts)), expected_units)
     units = [str(da.attrs.get("units", "")) for _, da in parts]
     fields = xr.concat([da.drop_vars([c for c in da.coords if c not in ("time", "lat", "lon")]).astype(np.float32)
@@ -166,17 +188,17 @@ def subsample_time(fields, step: str | pd.Timedelta = "6h"):
     "Keep the times on multiples of `step` after midnight; raise if the data are coarser than `step` or irregular."
     step = pd.Timedelta(step)
     times = pd.DatetimeIndex(fields["time"].values)
-    if len(times) < 2: raise ValueError(f"need at least 2 time steps; got {len(times)}")
+    if len(times) < 2: raise DataError(f"need at least 2 time steps; got {len(times)}")
     native = pd.Series(times).diff().min()
-    if native > step: raise ValueError(f"the data are {native}-spaced, coarser than the requested step {step}")
-    if step % native: raise ValueError(f"the requested step {step} is not a multiple of the data spacing {native}")
+    if native > step: raise DataError(f"the data are {native}-spaced, coarser than the requested step {step}")
+    if step % native: raise DataError(f"the requested step {step} is not a multiple of the data spacing {native}")
     keep = np.asarray((times - times.normalize()) % step == pd.Timedelta(0))
-    if not keep.any(): raise ValueError(f"no time stamp falls on a multiple of {step} after midnight")
+    if not keep.any(): raise DataError(f"no time stamp falls on a multiple of {step} after midnight")
     fields = fields.isel(time=np.flatnonzero(keep))
     kept = pd.DatetimeIndex(fields["time"].values)
     gaps = np.flatnonzero(np.diff(kept.values) != step.to_timedelta64())
-    if len(gaps): raise ValueError(f"time steps are not regular after sampling every {step}: {kept[gaps[0]]} is followed by "
-                                   f"{kept[gaps[0] + 1]} ({len(gaps)} gap(s)); fill or cut the data so the series is regular")
+    if len(gaps): raise DataError(f"time steps are not regular after sampling every {step}: {kept[gaps[0]]} is followed by "
+                                  f"{kept[gaps[0] + 1]} ({len(gaps)} gap(s)); fill or cut the data so the series is regular")
     return fields
 
 # %% ../../nbs/30_weather.data.ipynb #23773740
@@ -195,17 +217,17 @@ def split_slice(times: pd.DatetimeIndex, splits: dict, split: str, min_steps: in
     idx = np.flatnonzero(inside)
     n = len(idx)
     if n < min_steps:
-        raise ValueError(f"split {split!r} ({start} … {end}) holds {n} time steps but a window needs {min_steps} "
-                         f"(data cover {times[0]} … {times[-1]}); pass splits= with longer ranges")
+        raise DataError(f"split {split!r} ({start} … {end}) holds {n} time steps but a window needs {min_steps} "
+                        f"(data cover {times[0]} … {times[-1]}); pass splits= with longer ranges")
     return slice(int(idx[0]), int(idx[-1]) + 1)
 
 # %% ../../nbs/30_weather.data.ipynb #87bef4f5
 def _first_nan_error(fields, where: str):
-    "ValueError naming the channel and the first time of a NaN in `fields` (time, channel, lat, lon), or None if finite."
+    "DataError naming the channel and the first time of a NaN in `fields` (time, channel, lat, lon), or None if finite."
     bad = (~np.isfinite(fields)).any(("lat", "lon")).compute()                         # (time, channel) small
     if not bool(bad.any()): return None
     t, c = np.argwhere(bad.values)[0]
-    return ValueError(f"NaN or infinite value in the {where} fields: channel {str(fields['channel'].values[c])!r} at "
+    return DataError(f"NaN or infinite value in the {where} fields: channel {str(fields['channel'].values[c])!r} at "
                       f"{pd.Timestamp(fields['time'].values[t])} ({int(bad.values.sum())} (time, channel) fields affected); "
                       "fill or drop those times first")
 
@@ -213,15 +235,15 @@ class FieldNormalizer:
     "Per-channel affine normalisation (x − loc) / scale for tensors (..., C, H, W); kind 'zscore' or 'minmax' ([−1, 1])."
     kinds = ("zscore", "minmax")
     def __init__(self, loc, scale, kind: str = "zscore", channels: Sequence[str] | None = None):
-        if kind not in self.kinds: raise ValueError(f"unknown normalization {kind!r}; expected one of {self.kinds}")
+        if kind not in self.kinds: raise UsageError(f"unknown normalization {kind!r}; expected one of {self.kinds}")
         self.loc, self.scale = torch.as_tensor(loc, dtype=torch.float32), torch.as_tensor(scale, dtype=torch.float32)
-        if not bool((self.scale > 0).all()): raise ValueError(f"a channel is constant on the training split (scale {self.scale.tolist()}); it cannot be normalised")
+        if not bool((self.scale > 0).all()): raise DataError(f"a channel is constant on the training split (scale {self.scale.tolist()}); it cannot be normalised")
         self.kind, self.channels = kind, list(channels) if channels is not None else None
 
     @classmethod
     def fit(cls, fields, kind: str = "zscore") -> "FieldNormalizer":
         "Statistics of a lazy DataArray (time, channel, lat, lon) over time, lat and lon."
-        if kind not in cls.kinds: raise ValueError(f"unknown normalization {kind!r}; expected one of {cls.kinds}")
+        if kind not in cls.kinds: raise UsageError(f"unknown normalization {kind!r}; expected one of {cls.kinds}")
         dims = ("time", "lat", "lon")
         if kind == "zscore": loc, scale = fields.mean(dims), fields.std(dims)
         else:
@@ -259,7 +281,7 @@ class Climatology:
     @classmethod
     def fit(cls, fields, window_days: int = 30, block: int = 512) -> "Climatology":
         "Fit on a lazy DataArray (time, channel, lat, lon), streaming `block` time steps at a time."
-        if not 0 <= window_days < DAYS_IN_YEAR // 2: raise ValueError(f"window_days must be in [0, {DAYS_IN_YEAR // 2}); got {window_days}")
+        if not 0 <= window_days < DAYS_IN_YEAR // 2: raise UsageError(f"window_days must be in [0, {DAYS_IN_YEAR // 2}); got {window_days}")
         times = pd.DatetimeIndex(fields["time"].values)
         hours = sorted(set(times.hour))
         doy, slot = times.day_of_year.values - 1, np.searchsorted(hours, times.hour.values)
@@ -358,7 +380,7 @@ def _toy_anomalies(n_steps: int, lat, lon, times, rng, substeps: int = 3, spinup
 def toy_weather(n_steps: int = 2920, seed: int = 0, start: str = "2013-01-01", n_lat: int = 32, n_lon: int = 64):
     "Synthetic six-hourly global weather (t2m in K; z at 500 hPa in m² s⁻²) as a WeatherBench-layout xarray Dataset."
     xr = _xarray()
-    if n_steps < 1: raise ValueError(f"n_steps must be ≥ 1; got {n_steps}")
+    if n_steps < 1: raise UsageError(f"n_steps must be ≥ 1; got {n_steps}")
     rng = np.random.default_rng(seed)
     lat, lon = weatherbench_grid(n_lat, n_lon)
     times = pd.date_range(start, periods=n_steps, freq="6h")
@@ -407,7 +429,7 @@ class WeatherData:
     "Gridded fields (time, channel, lat, lon), lazy, with splits, a train-fitted normaliser and climatology, and 12 → 4 windows."
     def __init__(self, fields, splits: dict, *, n_in: int = 12, n_out: int = 4, normalization: str = "zscore",
                  climatology_window_days: int = 30, name: str = "weather"):
-        if n_in < 1 or n_out < 1: raise ValueError(f"n_in and n_out must be ≥ 1; got {n_in}, {n_out}")
+        if n_in < 1 or n_out < 1: raise UsageError(f"n_in and n_out must be ≥ 1; got {n_in}, {n_out}")
         self.fields, self.splits, self.n_in, self.n_out, self.name = fields, dict(splits), int(n_in), int(n_out), name
         self.times = pd.DatetimeIndex(fields["time"].values)
         self.step = self.times[1] - self.times[0]
@@ -452,7 +474,7 @@ def _unfold_windows(block: torch.Tensor, starts: np.ndarray, offset: int, length
 
 def _tensors(self: WeatherData, split: str, stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     "All windows of a split, normalised: x (N, n_in, C, H, W), y (N, n_out, C, H, W), float32."
-    if stride < 1: raise ValueError(f"stride must be ≥ 1; got {stride}")
+    if stride < 1: raise UsageError(f"stride must be ≥ 1; got {stride}")
     span, starts = self.split_slice(split), _window_starts(self, split, stride)
     block = self.split_fields(split)
     values = as_tensor(block)                                                            # (T_split, C, H, W) one read
@@ -510,7 +532,10 @@ NCEP_STEM = "ncep_r1_air_sig995_2013-2014_namerica"
 
 def find_ncep(data_dir=None, store: str = "auto") -> Path:
     "Path of the NCEP air-temperature file ('zarr', 'netcdf' or 'auto') in `data_dir`, `data_dir/weather` or the shared data folder."
-    if store not in ("auto", "zarr", "netcdf"): raise ValueError(f"store must be 'auto', 'zarr' or 'netcdf'; got {store!r}")
+    if store not in ("auto", "zarr", "netcdf"): raise UsageError(f"store must be 'auto', 'zarr' or 'netcdf'; got {store!r}")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise DataError(f"weather data directory {data_dir} (from --data-dir) does not exist; pass --data-dir (data_dir=) "
+                        f"or set TSDIFFBENCH_DATA to the folder holding weather/{NCEP_STEM}.zarr or .nc")
     roots = [Path(data_dir)] if data_dir is not None else ([shared_data_dir()] if shared_data_dir() is not None else [])
     folders = [p for r in roots for p in (r, r / "weather")]
     if store == "auto":
@@ -520,8 +545,8 @@ def find_ncep(data_dir=None, store: str = "auto") -> Path:
     for folder in folders:
         for suffix in suffixes:
             if (folder / f"{NCEP_STEM}{suffix}").exists(): return folder / f"{NCEP_STEM}{suffix}"
-    raise FileNotFoundError(f"NCEP file {NCEP_STEM}{suffixes} not found in {[str(f) for f in folders] or 'any folder'}; "
-                            "pass data_dir= (the folder holding weather/ or the file) or set TSDIFFBENCH_DATA")
+    raise DataError(f"NCEP file {NCEP_STEM}{suffixes} not found in {[str(f) for f in folders] or 'any folder'}; "
+                    "pass --data-dir (data_dir=) with the folder holding weather/ or the file, or set TSDIFFBENCH_DATA")
 
 def load_weather(dataset: str = "toy", *, data_dir=None, variables: Sequence[str] | str | None = None,
                  levels: Sequence[float] | None = None, splits: dict | None = None, step: str = "6h", n_in: int = 12,
@@ -530,19 +555,23 @@ def load_weather(dataset: str = "toy", *, data_dir=None, variables: Sequence[str
                  toy_kwargs: dict | None = None) -> WeatherData:
     "Load 'toy', 'ncep' or a WeatherBench-format path as a `WeatherData` (lazy fields, train-fitted normaliser and climatology)."
     if dataset == "toy":
-        ds, name = standardize_coords(toy_weather(**(toy_kwargs or {})).chunk({"time": 512})), "toy"
+        ds, name, where = standardize_coords(toy_weather(**(toy_kwargs or {})).chunk({"time": 512})), "toy", "toy"
         variables = variables or ["t2m", "z500"]
     elif dataset == "ncep":
         path = Path(data_dir) if data_dir is not None and Path(data_dir).name.startswith(NCEP_STEM) else find_ncep(data_dir, store)
-        ds, name = open_weather(path, engine=engine, chunks=chunks), "ncep"
+        ds, name, where = open_weather(path, engine=engine, chunks=chunks), "ncep", path
         variables = variables or ["air"]
     else:
-        if not Path(dataset).exists(): raise FileNotFoundError(f"unknown data set {dataset!r}: expected 'toy', 'ncep' or an existing path")
-        ds, name = open_weather(dataset, engine=engine, chunks=chunks), Path(dataset).stem
+        path = Path(dataset)
+        if not path.exists():
+            if path.suffix in (".nc", ".zarr") or os.sep in str(dataset): raise DataError(f"no weather data at {path}: no such file or folder")
+            raise UsageError(f"unknown data set {dataset!r}: expected 'toy', 'ncep' or the path of a netCDF file, a folder of them or a zarr store")
+        ds, name, where = open_weather(path, engine=engine, chunks=chunks), path.stem, path
     splits = splits or (NCEP_SPLITS if name in ("toy", "ncep") else WEATHERBENCH_SPLITS)
-    fields = subsample_time(select_fields(ds, variables, levels, expected_units), step)
-    return WeatherData(fields, splits, n_in=n_in, n_out=n_out, normalization=normalization,
-                       climatology_window_days=climatology_window_days, name=name)
+    with _about(where):                                                  # errors name the file they concern
+        fields = subsample_time(select_fields(ds, variables, levels, expected_units), step)
+        return WeatherData(fields, splits, n_in=n_in, n_out=n_out, normalization=normalization,
+                           climatology_window_days=climatology_window_days, name=name)
 
 # %% ../../nbs/30_weather.data.ipynb #cccccb0b
 class PersistenceForecaster:
