@@ -13,9 +13,8 @@ import pandas as pd
 import torch
 
 import tsdiffbench.models.forecasters  # noqa: F401  (registers the learned forecasters in FORECASTERS)
-from .core import UsageError, atomic_write, progress, seed_everything
-from .data.ett import TimeSeriesData, freq_step, load_dataset
-from .data.synthetic import synthetic_data
+from .core import UsageError, atomic_write, progress, seed_everything, seed_list
+from .data.ett import TimeSeriesData, freq_step, load_any
 from .metrics import coverage, crps_ensemble, crps_quantile, mae, mse, nmae, point_forecast
 from .models.base import FORECASTERS, Forecaster, window_tensors
 from .results import Run, column, table, write_results
@@ -24,8 +23,7 @@ from .viz import add_fan
 # %% auto #0
 __all__ = ['MAIN_MODELS', 'MAIN_OPTIONS', 'RUNNER_OPTIONS', 'RECORD_FIELDS', 'TSLIB', 'PROBTS', 'Persistence', 'SeasonalNaive',
            'Climatology', 'seasonal_period', 'Oracle', 'default_forecasters', 'resolve_models', 'build_forecaster',
-           'evaluate_forecaster', 'bench_table', 'results_table', 'fan_chart', 'load_bench_data', 'run_bench',
-           'expected_coverage']
+           'evaluate_forecaster', 'bench_table', 'results_table', 'fan_chart', 'run_bench', 'expected_coverage']
 
 # %% ../nbs/60_bench.ipynb #aa171b03
 class Persistence(Forecaster):
@@ -213,13 +211,6 @@ def fan_chart(data: TimeSeriesData, forecasts: dict, window: int = 0, variate: i
     return fig
 
 # %% ../nbs/60_bench.ipynb #76d882f8
-def load_bench_data(dataset: str = "synthetic", *, data_dir=None, download: bool = False, features: str = "M",
-                    seed: int = 0) -> TimeSeriesData:
-    "The data set of a benchmark run: 'synthetic' (embedded, drawn from `seed`), a known name (ETTh1, …) or a CSV path in the ETT layout."
-    if dataset == "synthetic": return synthetic_data(seed=seed, features=features)
-    if str(dataset).lower().endswith(".csv"): return load_dataset("custom", path=dataset, features=features)
-    return load_dataset(dataset, data_dir=data_dir, download=download, features=features)
-
 def run_bench(dataset: str = "synthetic", *, data_dir=None, download: bool = False, seq_len: int = 96, label_len: int = 48,
               pred_len: int = 96, features: str = "M", models: str | list = "main", n_samples: int = 100,
               rolling_stride: int | None = None, seeds=(0,), data_seed: int = 0, out=None, name: str = "results",
@@ -227,14 +218,16 @@ def run_bench(dataset: str = "synthetic", *, data_dir=None, download: bool = Fal
               command: str | None = None, settings: dict | None = None) -> dict:
     "Fit and score forecasters for every seed under both protocols; write STEM.{json,md,csv} (+ a fan chart) into `out`; return the results."
     if n_samples < 1: raise UsageError(f"n_samples must be ≥ 1, got {n_samples}")
-    seeds = [int(s) for s in seeds]
-    if not seeds: raise UsageError("seeds must list at least one seed, e.g. 0,1,2")
+    seeds = seed_list(seeds)
     settings = settings if settings is not None else dict(dataset=dataset, data_dir=data_dir, seq_len=seq_len, label_len=label_len,
         pred_len=pred_len, features=features, models=models, n_samples=n_samples, rolling_stride=rolling_stride, seeds=seeds,
         data_seed=data_seed, model_options=model_options)
-    data = load_bench_data(dataset, data_dir=data_dir, download=download, features=features, seed=data_seed)
+    if rolling_stride is not None and rolling_stride < 1: raise UsageError(f"rolling_stride must be ≥ 1, got {rolling_stride}")
+    stride = pred_len if rolling_stride is None else rolling_stride
+    data = load_any(dataset, data_dir=data_dir, download=download, features=features, seed=data_seed)
+    for split in ("train", "test"): window_tensors(data, split, seq_len, pred_len, stride, count="probts")   # bad lengths: before any training
     names, options = resolve_models(data, models, model_options)
-    plan = {n: [int(s) for s in options.get(n, {}).pop("seeds", seeds)] for n in names}
+    plan = {n: seed_list(options.get(n, {}).pop("seeds", seeds), f"seeds of {n}") for n in names}
     first = {n: build_forecaster(data, n, seq_len=seq_len, pred_len=pred_len, seed=plan[n][0], **options.get(n, {}))
              for n in names}                                              # usage errors surface before any training
     run, records, period, train = Run("bench", command, settings), [], seasonal_period(data.freq), data.split_values("train")
@@ -249,7 +242,7 @@ def run_bench(dataset: str = "synthetic", *, data_dir=None, download: bool = Fal
                     records.append({**{k: rec.get(k) for k in RECORD_FIELDS}, "train_seconds": train_seconds})
             except Exception as e: run.fail(n, e, seed=seed)
     res = run.results(f"tsdiffbench bench: {data.name}, {seq_len} → {pred_len}", records, [bench_table("oracle" in names)],
-                      description=_bench_description(data, records, seq_len, pred_len, n_samples, rolling_stride or pred_len, plan))
+                      description=_bench_description(data, records, seq_len, pred_len, n_samples, stride, plan))
     out = Path(out or f"runs/bench-{data.name}")
     write_results(res, out, name, csv=True)
     fitted = {n: first[n] for n in names if not any(f["model"] == n for f in run.failures)}
@@ -257,7 +250,7 @@ def run_bench(dataset: str = "synthetic", *, data_dir=None, download: bool = Fal
         fig = fan_chart(data, fitted, seq_len=seq_len, pred_len=pred_len, stride=rolling_stride, n_samples=n_samples, seed=seeds[0])
         with atomic_write(out / ("fan_chart.html" if name == "results" else f"{name}_fan_chart.html")) as f:
             f.write(fig.to_html(include_plotlyjs=True, full_html=True))
-    if verbose: print(f"wrote {out}/{name}.json, .md, .csv" + (" and a fan chart" if fan_chart and fitted else ""))
+    if verbose: print(f"wrote {out}/{name}.json, .md, .csv" + (" and a fan chart" if write_fan_chart and fitted else ""))
     return res
 
 def _bench_description(data, records, seq_len, pred_len, n_samples, stride, plan) -> list[str]:

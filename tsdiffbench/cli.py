@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import shlex
@@ -15,22 +17,46 @@ import traceback
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['SETTINGS_EXCLUDED', 'build_parser', 'settings_of', 'recorded_command', 'parse_command', 'compare_results', 'main']
+__all__ = ['SETTINGS_EXCLUDED', 'PATH_OPTIONS', 'build_parser', 'settings_of', 'recorded_command', 'parse_command',
+           'record_label_fields', 'compare_results', 'main']
 
 # %% ../nbs/01_cli.ipynb #fda23204
-def _int_list(minimum: int, what: str, example: str):
-    "An argparse type: comma-separated integers ≥ `minimum` from a flag ('0,1,2') or a list (from a config file)."
-    def parse(value) -> list[int]:
-        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-        try: out = [int(str(s).strip()) for s in items]
-        except ValueError: out = []
-        if not out or min(out) < minimum:
-            raise argparse.ArgumentTypeError(f"{what} must be comma-separated integers ≥ {minimum} like {example}; got {value!r}")
-        return out
-    parse.__name__ = f"integers ≥ {minimum}"
+def _arg_type(check, name: str):
+    "An argparse type from a checker that raises UsageError (so flags and config values share one check and one message)."
+    from tsdiffbench.core import UsageError
+    def parse(value):
+        try: return check(value)
+        except UsageError as e: raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = name
     return parse
 
-_seeds, _ints = _int_list(0, "seeds", "0,1,2"), _int_list(1, "steps", "5,10")
+def _positive(value) -> int:
+    from tsdiffbench.core import UsageError
+    try: n = int(value) if not isinstance(value, bool) and float(value) == int(float(value)) else None
+    except (TypeError, ValueError): n = None
+    if n is None or n < 1: raise UsageError(f"expected a positive integer, got {value!r}")
+    return n
+
+def _steps(value) -> list[int]:
+    from tsdiffbench.core import UsageError
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try: return [_positive(s) for s in items]
+    except UsageError: raise UsageError(f"steps must be comma-separated positive integers like 5,10; got {value!r}") from None
+
+def _seed(value) -> int:
+    from tsdiffbench.core import seed_list
+    seeds = seed_list(value, "seed")
+    if len(seeds) != 1:
+        from tsdiffbench.core import UsageError
+        raise UsageError(f"this benchmark takes one --seed (it times code, it does not train), got {value!r}")
+    return seeds[0]
+
+def _seeds(value) -> list[int]:
+    from tsdiffbench.core import seed_list
+    return seed_list(value)
+
+_SEEDS, _SEED, _POSITIVE, _STEPS = (_arg_type(_seeds, "seeds"), _arg_type(_seed, "seed"),
+                                    _arg_type(_positive, "positive integer"), _arg_type(_steps, "steps"))
 
 def _add_data_args(p: argparse.ArgumentParser, default_dataset: str):
     p.add_argument("--dataset", default=default_dataset,
@@ -46,13 +72,14 @@ def _add_data_args(p: argparse.ArgumentParser, default_dataset: str):
 def _add_run_args(p: argparse.ArgumentParser, out_default, *, seeds: bool = True, keep_going: bool = True):
     "Options every benchmark shares: output folder, seeds, notes, failure policy, config file, progress bars."
     p.add_argument("--out", default=out_default, help=f"output directory (default {out_default or 'runs/bench-<dataset>'})")
-    if seeds: p.add_argument("--seeds", "--seed", dest="seeds", type=_seeds, default=[0],
+    if seeds: p.add_argument("--seeds", "--seed", dest="seeds", type=_SEEDS, default=[0],
                              help="comma-separated seeds, e.g. 0,1,2: tables show mean ± std over them (default 0)")
+    else: p.add_argument("--seed", type=_SEED, default=0, help="random seed of the inputs (default 0)")
     p.add_argument("--note", action="append", default=None,
                    help="a line of free text for the results' Notes section (repeatable), e.g. what shared the machine")
     if keep_going: p.add_argument("--keep-going", action="store_true",
                                   help="exit 0 even when a model failed (failures are still recorded and printed)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice); recorded with the results")
+    p.add_argument("--threads", type=_POSITIVE, default=None, help="torch CPU threads (default: torch's own choice); recorded with the results")
     p.add_argument("--config", default=None, help="YAML file with any of these options (flags given on the command line win)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 _MODEL_OPTIONS_HELP = ('per-model options as a JSON/YAML mapping, e.g. \'{"flow": {"max_steps": 600, "steps": 5}}\'; '
@@ -60,9 +87,10 @@ _MODEL_OPTIONS_HELP = ('per-model options as a JSON/YAML mapping, e.g. \'{"flow"
 
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser of the `tsdiffbench` command (one subparser per subcommand)."
-    parser = argparse.ArgumentParser(prog="tsdiffbench",
+    parser = argparse.ArgumentParser(prog="tsdiffbench", allow_abbrev=False,
         description="tsdiffbench: probabilistic forecasting with diffusion and flow models, benchmarked honestly.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)     # an abbreviated flag would dodge --config precedence
 
     b = sub.add_parser("bench", help="run the main benchmark and print its results table",
         description="Evaluate forecasters on a data set under both protocols (TSLib: scaled data, stride-1 windows; "
@@ -88,24 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("bench-crps", help="benchmark the vectorised CRPS against a naive loop",
         description="Time a naive per-point CRPS loop, the vectorised sorted-sample CRPS and properscoring side by side "
                     "in one run; write crps_speed.json and crps_speed.md.")
-    c.add_argument("--m", type=int, default=100, help="ensemble size (default 100)")
-    c.add_argument("--n-points", type=int, default=400_000, help="number of scored points (default 400000)")
-    c.add_argument("--repeats", type=int, default=5, help="timed repeats of the vectorised CRPS (default 5)")
+    c.add_argument("--m", type=_POSITIVE, default=100, help="ensemble size (default 100)")
+    c.add_argument("--n-points", type=_POSITIVE, default=400_000, help="number of scored points (default 400000)")
+    c.add_argument("--repeats", type=_POSITIVE, default=5, help="timed repeats of the vectorised CRPS (default 5)")
     c.add_argument("--no-properscoring", dest="properscoring", action="store_false", help="skip the properscoring reference")
-    _add_run_args(c, "bench/results", keep_going=False)
+    _add_run_args(c, "bench/results", seeds=False, keep_going=False)
 
     s = sub.add_parser("bench-sampling", help="benchmark batched sampling against a per-sample loop",
         description="Time the naive sampler (Python loop over samples) and the batched sampler with the same denoiser "
                     "side by side in one run; write sampling.json and sampling.md. With --shared-cond: the forecasters' "
                     "denoisers with the condition tiled per sample vs shared per window (sampling_shared_cond.json/.md).")
     s.add_argument("--shared-cond", action="store_true", help="run the tiled-vs-shared condition benchmark instead")
-    s.add_argument("--steps", type=_ints, default=None, help="sampler steps (default 50; --shared-cond: 5,10)")
-    s.add_argument("--batch", type=int, default=None, help="windows per batch (default 32; --shared-cond: 64)")
-    s.add_argument("--n-samples", type=int, default=100, help="samples per window (default 100)")
+    s.add_argument("--steps", type=_STEPS, default=None, help="sampler steps (default 50; --shared-cond: 5,10)")
+    s.add_argument("--batch", type=_POSITIVE, default=None, help="windows per batch (default 32; --shared-cond: 64)")
+    s.add_argument("--n-samples", type=_POSITIVE, default=100, help="samples per window (default 100)")
     s.add_argument("--sampler", default="ddim", choices=["ddim", "euler", "heun"], help="deterministic sampler of the naive/batched benchmark")
-    s.add_argument("--repeats", type=int, default=3, help="--shared-cond: alternating timed repeats, best of them (default 3)")
+    s.add_argument("--repeats", type=_POSITIVE, default=3, help="--shared-cond: alternating timed repeats, best of them (default 3)")
     s.add_argument("--device", default="cpu", help="device (default cpu)")
-    _add_run_args(s, "bench/results", keep_going=False)
+    _add_run_args(s, "bench/results", seeds=False, keep_going=False)
 
     w = sub.add_parser("weather", help="train and evaluate the weather model zoo (12 → 4 six-hourly steps)",
         description="Fit persistence, climatology and every model of the deterministic weather zoo on the NCEP reanalysis "
@@ -123,7 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read a results JSON (e.g. bench/results/crps_speed.json), rerun exactly the command it records into a "
                     "scratch folder, and print the committed and the new numbers side by side with their difference.")
     r.add_argument("file", help="a results JSON written by a tsdiffbench benchmark")
-    r.add_argument("--out", default=None, help="scratch folder for the rerun (default: a new temporary folder)")
+    r.add_argument("--out", default=None, help="scratch folder for the rerun, empty or new (default: a new temporary folder)")
+    m = sub.add_parser("render", help="re-render the Markdown of results JSON files",
+        description="Write FILE.md from FILE.json with the one renderer (tsdiffbench.results.render_markdown), e.g. after the "
+                    "renderer changed; the JSON is read, never written.")
+    m.add_argument("files", nargs="+", help="results JSON files")
     return parser
 
 # %% ../nbs/01_cli.ipynb #9b028cd1
@@ -141,10 +173,6 @@ def _merge_config(args: argparse.Namespace, parser: argparse.ArgumentParser, arg
     if not Path(args.config).is_file(): raise UsageError(f"config file {args.config} does not exist")
     try: raw = load_yaml(args.config)
     except InputError as e: raise UsageError(str(e)) from None                  # a config is part of the call: usage
-    except Exception as e:
-        import yaml
-        if not isinstance(e, yaml.YAMLError): raise
-        raise UsageError(f"config file {args.config} is not valid YAML: {' '.join(str(e).split())}") from None
     cfg = {str(k).replace("-", "_"): v for k, v in raw.items()}
     actions = {k: a for k, a in _options(_subparser(parser, args.command)).items() if k not in ("config",)}
     unknown = sorted(set(cfg) - set(actions))
@@ -165,7 +193,9 @@ def _config_value(action: argparse.Action, v, what: str):
     if isinstance(action, argparse._AppendAction):
         return [str(x) for x in (v if isinstance(v, list) else [v])]
     kind = getattr(action.type, "__name__", "text").strip("_")
-    if v is None: return v
+    if v is None:
+        if action.default is not None: raise UsageError(f"{what} must be {kind}, got null (leave the key out for the default)")
+        return v
     if action.type is None:                                        # a text option: lists become 'a,b', dicts stay mappings
         v = ",".join(map(str, v)) if isinstance(v, list) else v if isinstance(v, (str, dict)) else str(v)
     elif isinstance(v, bool) and action.type in (int, float): raise UsageError(f"{what} must be {kind}, got {v!r}")
@@ -178,17 +208,23 @@ def _config_value(action: argparse.Action, v, what: str):
     return v
 
 SETTINGS_EXCLUDED = ("command", "config", "quiet", "_from_config")
+PATH_OPTIONS = ("out", "data_dir", "dataset", "config", "file", "files")   # options whose values may be file-system paths
 
 def settings_of(args: argparse.Namespace) -> dict:
     "Every option of a parsed call that can change a number (what a results file records as `settings`), paths relative."
-    settings = {k: _relative(v) if isinstance(v, str) else v for k, v in vars(args).items() if k not in SETTINGS_EXCLUDED}
+    settings = {k: _relative(v) if k in PATH_OPTIONS and isinstance(v, str) else v
+                for k, v in vars(args).items() if k not in SETTINGS_EXCLUDED}
     if "model_options" in settings: settings["model_options"] = _parse_mapping(settings["model_options"], "--model-options")
     return json.loads(json.dumps(settings))                      # as the JSON file will hold it (tuples → lists)
 
-def _relative(token: str) -> str:
-    if token.startswith("--") and "=" in token:
-        flag, value = token.split("=", 1); return f"{flag}={_relative(value)}"
-    return os.path.relpath(token) if os.path.isabs(token) else token
+def _relative(path: str) -> str:
+    "A path as typed from the current folder (the repository root for published results): absolute paths made relative."
+    return os.path.relpath(path) if os.path.isabs(path) else path
+
+def _path_flags(parser: argparse.ArgumentParser, command: str) -> set:
+    "The option strings (and '' for positionals) of a subcommand whose values are paths."
+    sub = _subparser(parser, command)
+    return {s for a in sub._actions if a.dest in PATH_OPTIONS for s in (a.option_strings or [""])}
 
 def _flag_tokens(action: argparse.Action, value) -> list[str]:
     "The command-line tokens that set `action` to `value` (for options that came from a config file)."
@@ -197,18 +233,22 @@ def _flag_tokens(action: argparse.Action, value) -> list[str]:
         return [flag] if value != action.default else []
     if isinstance(action, argparse._AppendAction): return [t for v in value for t in (flag, str(v))]
     if value is None: return []
+    if action.dest in PATH_OPTIONS: return [flag, _relative(str(value))]
     if isinstance(value, dict): return [flag, json.dumps(value)]
     if isinstance(value, list): return [flag, ",".join(map(str, value))]
     return [flag, str(value)]
 
 def recorded_command(argv: list, args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
     "The call as it can be retyped from the repository root: relative paths, config values spelled out as flags."
-    tokens, skip = [], False
+    tokens, skip, paths, prev = [], False, _path_flags(parser, args.command), None
     for t in argv:
         if skip: skip = False; continue
         if t == "--config": skip = True; continue
         if t.startswith("--config="): continue
-        tokens.append(_relative(t))
+        flag, eq, value = t.partition("=")
+        if t.startswith("--") and eq and flag in paths: t = f"{flag}={_relative(value)}"
+        elif prev in paths and not t.startswith("--"): t = _relative(t)
+        tokens.append(t); prev = t if t.startswith("--") else None
     actions = _options(_subparser(parser, args.command))
     for k in getattr(args, "_from_config", []): tokens += _flag_tokens(actions[k], getattr(args, k))
     return "tsdiffbench " + shlex.join(tokens)
@@ -225,7 +265,7 @@ def parse_command(command: str) -> argparse.Namespace:
 def _cmd_data(args, ctx) -> int:
     from tsdiffbench.data.ett import describe, describe_table
     info = describe(args.dataset, data_dir=args.data_dir, download=args.download, seq_len=args.seq_len,
-                    label_len=args.label_len, pred_len=args.pred_len, features=args.features)
+                    label_len=args.label_len, pred_len=args.pred_len, features=args.features, seed=args.data_seed)
     print(json.dumps(info, default=str) if args.json else describe_table(info))
     return 0
 
@@ -249,14 +289,15 @@ def _cmd_bench(args, ctx) -> dict:
 
 def _cmd_bench_crps(args, ctx) -> dict:
     from tsdiffbench.metrics.bench import run_crps_speed_benchmark
-    return run_crps_speed_benchmark(args.out, seed=args.seeds[0], m=args.m, n_points=args.n_points, repeats=args.repeats,
+    return run_crps_speed_benchmark(args.out, seed=args.seed, m=args.m, n_points=args.n_points, repeats=args.repeats,
                                     properscoring=args.properscoring, **ctx)
 
 def _cmd_bench_sampling(args, ctx) -> dict:
     from tsdiffbench.diffusion.bench import run_sampling_benchmark, run_shared_cond_benchmark
-    from tsdiffbench.core import UsageError
+    from tsdiffbench.core import UsageError, get_device
+    get_device(args.device)                                                      # an unknown or absent device: one line
     given = {k: v for k, v in dict(batch=args.batch, steps=args.steps).items() if v is not None}
-    common = dict(n_samples=args.n_samples, seed=args.seeds[0], device=args.device, **ctx)
+    common = dict(n_samples=args.n_samples, seed=args.seed, device=args.device, **ctx)
     if args.shared_cond: return run_shared_cond_benchmark(args.out, repeats=args.repeats, **given, **common)
     if len(given.get("steps", [0])) != 1: raise UsageError(f"--steps takes one number without --shared-cond, got {args.steps}")
     if "steps" in given: given["steps"] = given["steps"][0]
@@ -264,11 +305,7 @@ def _cmd_bench_sampling(args, ctx) -> dict:
 
 def _cmd_weather(args, ctx) -> dict:
     from tsdiffbench.weather.bench import run_weather_bench
-    data_dir = args.data_dir
-    if args.dataset == "ncep" and data_dir is None:
-        from tsdiffbench.core import data_dir as _env_data_dir
-        data_dir = _env_data_dir()
-    return run_weather_bench(args.dataset, data_dir=data_dir, models=args.models, out=args.out, seeds=args.seeds,
+    return run_weather_bench(args.dataset, data_dir=args.data_dir, models=args.models, out=args.out, seeds=args.seeds,
                              quick=args.quick, model_options=_parse_mapping(args.model_options, "--model-options"),
                              epochs=args.epochs, **ctx)
 
@@ -276,39 +313,58 @@ _COMMANDS = {"bench": _cmd_bench, "data": _cmd_data, "bench-crps": _cmd_bench_cr
              "weather": _cmd_weather}
 
 # %% ../nbs/01_cli.ipynb #c2000be0
-def _record_key(r: dict) -> tuple:
-    return tuple((k, v) for k, v in r.items() if isinstance(v, (str, int, bool)) and not isinstance(v, float))
+def _record_key(r: dict, fields) -> tuple:
+    return tuple((k, r.get(k)) for k in fields)
+
+def record_label_fields(res: dict) -> list[str]:
+    "The fields that name a record (not measure it): each table's row index and filter fields, and the seed."
+    fields = []
+    for spec in res["tables"]:
+        fields += [spec["index"], *(spec.get("where") or {})] + [k for c in spec["columns"] for k in (c.get("where") or {})]
+    return list(dict.fromkeys(fields + ["seed"]))
 
 def compare_results(old: dict, new: dict) -> list[dict]:
-    "Rows (record label, field, committed, new, difference) for every float field of the records both runs have."
-    new_by_key = {_record_key(r): r for r in new["records"]}
+    "Rows (record label, field, committed, new, difference) for every float field of the records; unmatched records show '–'."
+    fields = record_label_fields(old)
+    new_by_key = {_record_key(r, fields): r for r in new["records"]}
     rows = []
     for r in old["records"]:
-        other = new_by_key.get(_record_key(r))
-        label = " ".join(str(v) for k, v in _record_key(r) if k not in ("n_windows", "params", "n_test_windows"))
+        other = new_by_key.get(_record_key(r, fields))
+        label = " ".join(f"{v}" for _, v in _record_key(r, fields) if v is not None)
         for k, v in r.items():
-            if isinstance(v, float) or (v is None and other and isinstance(other.get(k), float)):
-                w = None if other is None else other.get(k)
-                rows.append(dict(record=label, field=k, committed=v, new=w,
-                                 difference=None if v is None or not isinstance(w, (int, float)) else w - v))
+            if k in fields or not (isinstance(v, float) or (v is None and other and isinstance(other.get(k), float))): continue
+            w = None if other is None else other.get(k)
+            rows.append(dict(record=label, field=k, committed=v, new=w, matched=other is not None,
+                             difference=None if v is None or not isinstance(w, (int, float)) else w - v))
     for k, v in (old.get("summary") or {}).items():
         w = (new.get("summary") or {}).get(k)
-        if isinstance(v, (int, float)): rows.append(dict(record="summary", field=k, committed=v, new=w,
+        if isinstance(v, (int, float)): rows.append(dict(record="summary", field=k, committed=v, new=w, matched=w is not None,
                                                          difference=None if not isinstance(w, (int, float)) else w - v))
     return rows
 
+def _repository_root(results_file: Path) -> Path:
+    "Where a results file's relative paths start: the checkout holding bench/results/FILE, else the current folder."
+    from tsdiffbench.results import is_published_dir
+    return results_file.resolve().parent.parent.parent if is_published_dir(results_file.parent) else Path.cwd()
+
 def _cmd_reproduce(args, ctx) -> int:
-    from tsdiffbench.core import DataError
+    from tsdiffbench.core import DataError, UsageError
     from tsdiffbench.results import load_results
     old = load_results(args.file)
     if not old.get("command"): raise DataError(f"{args.file} records no command to rerun")
     parsed = parse_command(old["command"])
-    if parsed.command == "reproduce": raise DataError(f"{args.file} records a reproduce command, not a benchmark")
-    scratch = Path(args.out or tempfile.mkdtemp(prefix="tsdiffbench-reproduce-"))
+    if parsed.command in ("reproduce", "render"): raise DataError(f"{args.file} records a {parsed.command} command, not a benchmark")
+    if settings_of(parsed) != old["settings"]:
+        raise DataError(f"{args.file}: its command does not parse into the settings it records (written by another version?)")
+    scratch = Path(args.out or tempfile.mkdtemp(prefix="tsdiffbench-reproduce-")).resolve()
+    if scratch.exists() and any(scratch.iterdir()): raise UsageError(f"--out {args.out} is not empty; give a new or empty folder")
     argv = shlex.split(old["command"])[1:]
     argv = [t for i, t in enumerate(argv) if not (t == "--out" or t.startswith("--out=") or (i and argv[i - 1] == "--out"))]
-    print(f"rerunning: {old['command']}\n  into {scratch}", flush=True)
-    code = main([*argv, "--out", str(scratch)])
+    root, here = _repository_root(Path(args.file)), Path.cwd()
+    print(f"rerunning in {root}: {old['command']}\n  into {scratch}", flush=True)
+    os.chdir(root)
+    try: code = main([*argv, "--out", str(scratch)])
+    finally: os.chdir(here)
     new_path = scratch / Path(args.file).name
     if not new_path.exists(): raise DataError(f"the rerun did not write {new_path.name} (exit code {code})")
     rows = compare_results(old, load_results(new_path))
@@ -317,24 +373,47 @@ def _cmd_reproduce(args, ctx) -> int:
     print(f"\n{'record':<{width}}  {'field':<28} {'committed':>12} {'new':>12} {'difference':>12}")
     for r in rows:
         print(f"{r['record']:<{width}}  {r['field']:<28} {fmt(r['committed']):>12} {fmt(r['new']):>12} {fmt(r['difference']):>12}")
+    unmatched = sorted({r["record"] for r in rows if not r["matched"]})
     print(f"\ncommitted: {args.file} ({old['versions'].get('git_commit')}, {old['finished']}); new: {new_path}")
-    return code
+    if unmatched: print(f"records the rerun does not have: {unmatched}", file=sys.stderr)
+    return code or (1 if unmatched else 0)
+
+def _cmd_render(args, ctx) -> int:
+    "Re-render FILE.md from FILE.json for each file (the JSON is never written)."
+    from tsdiffbench.core import atomic_write
+    from tsdiffbench.results import load_results, render_markdown
+    for f in args.files:
+        md = render_markdown(load_results(f))
+        with atomic_write(Path(f).with_suffix(".md")) as out: out.write(md)
+        print(f"rendered {Path(f).with_suffix('.md')}")
+    return 0
+
 
 # %% ../nbs/01_cli.ipynb #ff4505cd
-_COMMANDS["reproduce"] = _cmd_reproduce
+_COMMANDS["reproduce"], _COMMANDS["render"] = _cmd_reproduce, _cmd_render
 
-def _usage(msg: str):
-    from tsdiffbench.core import UsageError
-    return UsageError(msg)
+@contextlib.contextmanager
+def _run_environment(quiet: bool, threads: int | None):
+    "Progress bars off and torch's thread count for one call, put back afterwards (main may run in-process, e.g. in a notebook)."
+    import torch
+    old_quiet, old_threads = os.environ.get("TSDIFFBENCH_QUIET"), torch.get_num_threads()
+    if quiet: os.environ["TSDIFFBENCH_QUIET"] = "1"
+    if threads is not None: torch.set_num_threads(threads)
+    try: yield
+    finally:
+        torch.set_num_threads(old_threads)
+        if old_quiet is None: os.environ.pop("TSDIFFBENCH_QUIET", None)
+        else: os.environ["TSDIFFBENCH_QUIET"] = old_quiet
 
 def _is_input_error(e: BaseException) -> bool:
-    "An error of the user's input: an InputError, a missing file, or a ValueError raised by tsdiffbench's own checks."
+    "An error of the user's input: an InputError, a missing file, or a ValueError that a `raise` of tsdiffbench's own checks made."
     from tsdiffbench.core import InputError
     if isinstance(e, (InputError, FileNotFoundError, IsADirectoryError, PermissionError)): return True
     if type(e) is not ValueError or e.__traceback__ is None: return False
-    origin = traceback.extract_tb(e.__traceback__)[-1].filename                  # the frame that raised it
+    frame = traceback.extract_tb(e.__traceback__)[-1]                            # the frame that raised it
     import tsdiffbench
-    return Path(origin).resolve().is_relative_to(Path(tsdiffbench.__file__).resolve().parent)
+    ours = Path(frame.filename).resolve().is_relative_to(Path(tsdiffbench.__file__).resolve().parent)
+    return ours and "raise ValueError" in (frame.line or "")                   # a deliberate check, not a failing builtin
 
 def main(argv: list | None = None) -> int:
     "Entry point of the `tsdiffbench` console script: exit 0 on success, 1 for data errors or failed models, 2 for usage errors."
@@ -344,13 +423,9 @@ def main(argv: list | None = None) -> int:
     if args.command is None: parser.print_help(); return 2
     try:
         args = _merge_config(args, parser, argv)
-        if getattr(args, "quiet", False): os.environ["TSDIFFBENCH_QUIET"] = "1"
-        if getattr(args, "threads", None) is not None:
-            import torch
-            if args.threads < 1: raise _usage(f"--threads must be ≥ 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
-        ctx = {} if args.command in ("data", "reproduce") else dict(command=recorded_command(argv, args, parser), settings=settings_of(args))
-        result = _COMMANDS[args.command](args, ctx)
+        ctx = {} if args.command in ("data", "reproduce", "render") else dict(command=recorded_command(argv, args, parser), settings=settings_of(args))
+        with _run_environment(getattr(args, "quiet", False), getattr(args, "threads", None)):
+            result = _COMMANDS[args.command](args, ctx)
     except Exception as e:
         if not _is_input_error(e): raise                                       # a bug: keep the traceback
         print(f"tsdiffbench {args.command}: error: {e}", file=sys.stderr)

@@ -19,7 +19,7 @@ import yaml
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['in_test', 'quiet', 'progress', 'InputError', 'UsageError', 'DataError', 'seed_everything', 'get_device',
+__all__ = ['in_test', 'quiet', 'progress', 'InputError', 'UsageError', 'DataError', 'seed_everything', 'seed_list', 'get_device',
            'autocast_context', 'Registry', 'atomic_write', 'save_json', 'load_yaml', 'save_yaml', 'data_dir',
            'cache_dir', 'shared_data_dir']
 
@@ -58,14 +58,25 @@ def seed_everything(seed: int = 0, device: str | torch.device = "cpu") -> torch.
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
     return torch.Generator(device=device).manual_seed(int(seed))
 
+# %% ../nbs/00_core.ipynb #76d581f0
+def seed_list(value, what: str = "seeds") -> list[int]:
+    "Distinct non-negative integer seeds from '0,1,2', an int or a list; a UsageError names `what` otherwise."
+    items = [value] if isinstance(value, int) and not isinstance(value, bool) else \
+            value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try: seeds = [int(str(s).strip()) for s in items if not isinstance(s, bool)]
+    except ValueError: seeds = []
+    if not seeds or len(seeds) != len(items) or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise UsageError(f"{what} must be distinct non-negative integers like 0,1,2; got {value!r}")
+    return seeds
+
 # %% ../nbs/00_core.ipynb #0aa2d460
 def get_device(device: str | torch.device | None = None) -> torch.device:
     "Resolve `device` ('auto'/None → CUDA if available, else CPU), with a clear error for unknown names."
     if device is None or device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try: dev = torch.device(device)
-    except (RuntimeError, TypeError) as e: raise ValueError(f"unknown device {device!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
+    except (RuntimeError, TypeError) as e: raise UsageError(f"unknown device {device!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine; use 'cpu' or 'auto'")
+        raise UsageError(f"device {device!r} requested but CUDA is not available on this machine; use 'cpu' or 'auto'")
     return dev
 
 def autocast_context(device: str | torch.device, amp: str | None = "auto"):
@@ -76,7 +87,7 @@ def autocast_context(device: str | torch.device, amp: str | None = "auto"):
         if dev.type != "cuda": return contextlib.nullcontext()
         amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if amp not in dtypes: raise ValueError(f"unknown amp mode {amp!r}; expected 'auto', 'bf16', 'fp16' or 'off'")
+    if amp not in dtypes: raise UsageError(f"unknown amp mode {amp!r}; expected 'auto', 'bf16', 'fp16' or 'off'")
     return torch.autocast(device_type=dev.type, dtype=dtypes[amp])
 
 # %% ../nbs/00_core.ipynb #ef2fc2c4

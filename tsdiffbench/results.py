@@ -90,7 +90,7 @@ class Run:
                    finished=utc_now(), seconds=round(time.perf_counter() - self.t0, 1), description=list(description),
                    tables=list(tables), records=_plain(records), failures=list(self.failures))
         if summary: res["summary"] = _plain(summary)
-        check_results(res)
+        check_results(res, error=RuntimeError)        # a malformed object built here is a bug, not bad input
         return res
 
 def _loadavg() -> list:
@@ -163,11 +163,17 @@ def spread_verdict(label: str, stats: dict) -> str:
     ok = {r: s for r, s in stats.items() if not math.isnan(s[0])}
     if not ok: return f"*{label}*: no values."
     best = min(ok, key=lambda r: ok[r][0]); m, sd, n = ok[best]
-    if n < 2: return f"*{label}*: lowest {best} ({m:.4f}); one seed, so no seed spread to judge differences by."
-    close = [r for r, (mr, sr, nr) in ok.items() if r != best and nr > 1 and abs(mr - m) < max(sd or 0, sr or 0)]
-    tail = (f"{', '.join(close)} {'lies' if len(close) == 1 else 'lie'} within the seed spread of it (difference below the larger "
-            "standard deviation): that ranking is not a finding." if close else "every other row is further from it than the seed spread.")
-    return f"*{label}*: lowest mean {best} ({m:.4f} ± {sd:.4f}, {n} seeds); {tail}"
+    spread = lambda r: max(ok[best][1] or 0, ok[r][1] or 0)             # the larger standard deviation of the pair
+    judged = [r for r in ok if r != best and (ok[r][2] > 1 or n > 1)]       # at least one side has a spread
+    close = [r for r in judged if abs(ok[r][0] - m) < spread(r)]
+    far, unjudged = [r for r in judged if r not in close], [r for r in ok if r != best and r not in judged]
+    head = f"*{label}*: lowest mean {best} ({m:.4f}" + (f" ± {sd:.4f}, {n} seeds)" if n > 1 else ", one seed)")
+    parts = []
+    if close: parts.append(f"{', '.join(close)} {'lies' if len(close) == 1 else 'lie'} within the seed spread of it (difference "
+                           "below the larger standard deviation): that ranking is not a finding")
+    if far: parts.append(f"{', '.join(far)} {'is' if len(far) == 1 else 'are'} further from it than the seed spread")
+    if unjudged: parts.append(f"{', '.join(unjudged)} cannot be judged (one seed on both sides)")
+    return head + ("; " + "; ".join(parts) if parts else "") + "."
 
 # %% ../nbs/02_results.ipynb #8c7e0220
 def render_markdown(res: dict) -> str:
@@ -207,16 +213,16 @@ def _run_lines(res: dict) -> list[str]:
 REQUIRED_FIELDS = ("format", "benchmark", "title", "command", "settings", "versions", "machine", "started", "finished",
                    "seconds", "tables", "records", "failures")
 
-def check_results(res, source: str = "results") -> dict:
-    "Raise DataError unless `res` is a complete results object whose tables name existing record fields."
+def check_results(res, source: str = "results", error: type = DataError) -> dict:
+    "Raise `error` (DataError: a file the user gave) unless `res` is a complete results object whose tables name existing record fields."
     if not isinstance(res, dict) or res.get("format") != RESULTS_FORMAT:
-        raise DataError(f"{source} is not a tsdiffbench results file (expected a JSON object with format {RESULTS_FORMAT!r})")
+        raise error(f"{source} is not a tsdiffbench results file (expected a JSON object with format {RESULTS_FORMAT!r})")
     missing = [k for k in REQUIRED_FIELDS if k not in res]
-    if missing: raise DataError(f"{source} lacks the results field(s) {missing}")
+    if missing: raise error(f"{source} lacks the results field(s) {missing}")
     fields = set().union(*(r.keys() for r in res["records"])) if res["records"] else set()
     for spec in res["tables"]:
         unknown = sorted({spec["index"], *(c["field"] for c in spec["columns"])} - fields) if fields else []
-        if unknown: raise DataError(f"{source}: table {spec.get('title') or spec['index']!r} names record field(s) {unknown} that no record has")
+        if unknown: raise error(f"{source}: table {spec.get('title') or spec['index']!r} names record field(s) {unknown} that no record has")
     return res
 
 # %% ../nbs/02_results.ipynb #0a438593

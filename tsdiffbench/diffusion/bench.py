@@ -42,7 +42,7 @@ class BenchDenoiser(nn.Module):
         return self.head(self.encoder(h))                                                  # (B, N, H)
 
 # %% ../../nbs/14_diffusion.bench.ipynb #d21bea56
-def run_sampling_benchmark(out: str | os.PathLike | None = "bench/results", *, batch: int = 32, n_samples: int = 100,
+def run_sampling_benchmark(out: str | os.PathLike | None = None, *, batch: int = 32, n_samples: int = 100,
                            steps: int = 50, sampler: str = "ddim", d_model: int = 128, n_layers: int = 2, n_variates: int = 7,
                            horizon: int = 96, lookback: int = 96, seed: int = 0, device: str = "cpu",
                            command: str | None = None, settings: dict | None = None) -> dict:
@@ -103,7 +103,7 @@ class _SharedCond:
 
 TEST_SET_TARGET_SECONDS = 120   # the target: the whole ETTh1 test set, 100 samples, <= 10 steps, under 2 minutes
 
-def run_shared_cond_benchmark(out: str | os.PathLike | None = "bench/results", *, denoisers=("dit_s", "unet1d"),
+def run_shared_cond_benchmark(out: str | os.PathLike | None = None, *, denoisers=("dit_s", "unet1d"),
                               batch: int = 64, n_samples: int = 100, steps=(5, 10), chunk_size: int | None = 50,
                               repeats: int = 3, test_windows: int = 2785, seed: int = 0, device: str = "cpu",
                               n_vars: int = 7, pred_len: int = 96, d_cond: int = 128, command: str | None = None,

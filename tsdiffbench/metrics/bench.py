@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from ..core import seed_everything
+from ..core import UsageError, seed_everything
 from .probabilistic import crps_ensemble
 from ..results import Run, column, table, write_results
 
@@ -52,7 +52,7 @@ def _properscoring_version() -> str | None:
     return getattr(properscoring, "__version__", "unknown")
 
 # %% ../../nbs/44_metrics.bench.ipynb #5569ab16
-def run_crps_speed_benchmark(out: str | os.PathLike | None = "bench/results", *, seed: int = 0, m: int = 100,
+def run_crps_speed_benchmark(out: str | os.PathLike | None = None, *, seed: int = 0, m: int = 100,
                              n_points: int = 400_000, repeats: int = 5, properscoring: bool = True,
                              properscoring_chunk: int = 2000, command: str | None = None,
                              settings: dict | None = None) -> dict:
@@ -72,6 +72,8 @@ def run_crps_speed_benchmark(out: str | os.PathLike | None = "bench/results", *,
     runs = [_timed(vectorized) for _ in range(repeats)]
     measured = [("naive loop", loop_scores, [loop_seconds]), ("crps_ensemble", runs[-1][0], [s for _, s in runs])]
     version = _properscoring_version() if properscoring else None
+    if properscoring and version is None:
+        raise UsageError("properscoring is not installed: install it (pip install properscoring) or pass properscoring=False (--no-properscoring)")
     if version is not None:
         reference, seconds = _timed(_properscoring_chunked, samples.numpy(), target.numpy(), properscoring_chunk)
         measured.append(("properscoring", torch.from_numpy(reference), [seconds]))

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core import get_device, progress as progress_bar, seed_everything
+from ..core import UsageError, get_device, progress as progress_bar, seed_everything, seed_list
 from ..metrics.weather import acc, weighted_mae, weighted_rmse
 from ..results import Run, cell_stats, column, table, write_results
 from .data import ClimatologyForecaster, PersistenceForecaster, WeatherData, load_weather
@@ -28,7 +28,7 @@ INPUT_MODES = ("anomaly", "raw")
 
 def model_inputs(data: WeatherData, split: str, inputs: str = "anomaly", stride: int = 1) -> dict:
     "Tensors a zoo model sees on `split`: x, y, extras (conditioning), offset (add to the output), plus the raw x, y, clim_target."
-    if inputs not in INPUT_MODES: raise ValueError(f"unknown inputs mode {inputs!r}; expected one of {INPUT_MODES}")
+    if inputs not in INPUT_MODES: raise UsageError(f"unknown inputs mode {inputs!r}; expected one of {INPUT_MODES}")
     x, y = data.tensors(split, stride)                                                   # (N, n_in, C, H, W), (N, n_out, C, H, W)
     ex = data.extras(split, stride)
     out = dict(x_raw=x, y_raw=y, clim_target=ex["clim_target"])
@@ -87,7 +87,7 @@ def fit_and_forecast(name: str, data: WeatherData, train: dict, val: dict, test:
         model = registry[name](data.n_in, data.n_out, data.n_channels, H, W, **({"extra_planes": planes} if planes else {}),
                                      **(model_kwargs or {}))
     except (ValueError, TypeError, RuntimeError) as e:
-        raise ValueError(f"model {name!r} cannot be built for {data.n_channels} channel(s) on the {H}×{W} grid: {e}") from e
+        raise UsageError(f"model {name!r} cannot be built for {data.n_channels} channel(s) on the {H}×{W} grid: {e}") from e
     fit = fit_model(model, (train["x"], train["y"], train["extras"]), (val["x"], val["y"], val["extras"]), epochs=epochs,
                     lr=lr, batch_size=batch_size, seed=seed, device=device, progress=progress)
     forecast = predict(model, test["x"], test["extras"], batch_size=max(batch_size, 64), device=device).cpu() + test["offset"]
@@ -108,8 +108,8 @@ def _resolve_models(models) -> list[str]:
     if models in (None, "all"): return known
     names = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models)
     unknown = [m for m in names if m not in known]
-    if unknown: raise ValueError(f"unknown weather model(s) {unknown}; available: {known}")
-    if len(set(names)) < len(names): raise ValueError(f"weather model(s) named twice in {names}")
+    if unknown: raise UsageError(f"unknown weather model(s) {unknown}; available: {known}")
+    if len(set(names)) < len(names): raise UsageError(f"weather model(s) named twice in {names}")
     return names
 
 def constructor_options(name: str) -> list[str] | None:
@@ -119,16 +119,11 @@ def constructor_options(name: str) -> list[str] | None:
     return [p.name for p in params if p.name != "extra_planes"]                           # extra_planes: set from `inputs`
 
 def _seed_list(seeds, what: str) -> list[int]:
-    seeds = [seeds] if isinstance(seeds, (int, np.integer)) else seeds
-    ok = isinstance(seeds, Sequence) and not isinstance(seeds, str) and len(seeds) > 0 and \
-         all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 0 for s in seeds)
-    if not ok: raise ValueError(f"{what} must be a non-empty list of non-negative integers, got {seeds!r}")
-    if len(set(seeds)) < len(seeds): raise ValueError(f"{what} repeats a seed: {list(seeds)}")
-    return [int(s) for s in seeds]
+    return seed_list([int(s) for s in seeds] if isinstance(seeds, np.ndarray) else seeds, what)
 
 def _positive_int(v, what: str) -> int:
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{what} must be a positive integer, got {v!r}")
+        raise UsageError(f"{what} must be a positive integer, got {v!r}")
     return int(v)
 
 def plan_models(names: Sequence[str], model_options: Mapping | None = None, seeds: Sequence[int] = (0,),
@@ -136,17 +131,17 @@ def plan_models(names: Sequence[str], model_options: Mapping | None = None, seed
     "Per model: constructor `kwargs` (DEFAULT_MODEL_KWARGS under the user's), `epochs` and `seeds`; ValueError for bad options."
     seeds, model_options = _seed_list(seeds, "seeds"), model_options or {}
     if isinstance(epochs, Mapping):
-        raise ValueError("epochs is one number for every trained model; per-model epochs go in model_options={model: {'epochs': n}}")
+        raise UsageError("epochs is one number for every trained model; per-model epochs go in model_options={model: {'epochs': n}}")
     epochs = DEFAULT_EPOCHS if epochs is None else _positive_int(epochs, "epochs")
-    if not isinstance(model_options, Mapping): raise ValueError(f"model_options must be a dict {{model: {{option: value}}}}, got {model_options!r}")
+    if not isinstance(model_options, Mapping): raise UsageError(f"model_options must be a dict {{model: {{option: value}}}}, got {model_options!r}")
     not_run = [m for m in model_options if m not in names]
-    if not_run: raise ValueError(f"model_options name model(s) {not_run} that are not being run (models: {list(names)})")
+    if not_run: raise UsageError(f"model_options name model(s) {not_run} that are not being run (models: {list(names)})")
     plan = {}
     for name in names:
         opts = model_options.get(name) or {}
-        if not isinstance(opts, Mapping): raise ValueError(f"model_options[{name!r}] must be a dict of options, got {opts!r}")
+        if not isinstance(opts, Mapping): raise UsageError(f"model_options[{name!r}] must be a dict of options, got {opts!r}")
         if name in BASELINES:
-            if opts: raise ValueError(f"{name!r} is a deterministic baseline with nothing to configure; got options {sorted(opts)}")
+            if opts: raise UsageError(f"{name!r} is a deterministic baseline with nothing to configure; got options {sorted(opts)}")
             plan[name] = dict(kwargs={}, epochs=None, seeds=seeds[:1])
             continue
         allowed = constructor_options(name)
@@ -154,7 +149,7 @@ def plan_models(names: Sequence[str], model_options: Mapping | None = None, seed
         unknown = [] if allowed is None else sorted(set(kwargs) - set(allowed))
         if unknown:
             hint = " (extra_planes is set by the benchmark from `inputs`)" if "extra_planes" in unknown else ""
-            raise ValueError(f"unknown option(s) {unknown} for weather model {name!r}{hint}; it takes the constructor "
+            raise UsageError(f"unknown option(s) {unknown} for weather model {name!r}{hint}; it takes the constructor "
                              f"keywords {allowed} and {list(RUN_OPTIONS)}")
         n_epochs = _positive_int(opts["epochs"], f"model_options[{name!r}]['epochs']") if "epochs" in opts else epochs
         plan[name] = dict(kwargs={**DEFAULT_MODEL_KWARGS.get(name, {}), **kwargs}, epochs=1 if quick else n_epochs,
@@ -162,7 +157,7 @@ def plan_models(names: Sequence[str], model_options: Mapping | None = None, seed
     return plan
 
 # %% ../../nbs/37_weather.bench.ipynb #5103b6d7
-def run_weather_bench(dataset: str = "toy", data_dir=None, models: str | Sequence[str] = "all", out="bench/results",
+def run_weather_bench(dataset: str = "toy", data_dir=None, models: str | Sequence[str] = "all", out=None,
                       seeds: Sequence[int] = (0,), quick: bool = False, model_options: Mapping[str, dict] | None = None, *,
                       epochs: int | None = None, inputs: str = "anomaly", lr: float = 1e-3, batch_size: int = 32,
                       device="auto", progress: bool | None = None, command: str | None = None, settings: dict | None = None,
@@ -170,7 +165,7 @@ def run_weather_bench(dataset: str = "toy", data_dir=None, models: str | Sequenc
     "Fit and score persistence, climatology and the zoo on 'toy' or 'ncep'; write weather_{dataset}.json/.md into `out` (None: don't write)."
     names = _resolve_models(models)
     plan = plan_models(names, model_options, seeds, epochs, quick)                      # bad options fail before any loading
-    if inputs not in INPUT_MODES: raise ValueError(f"unknown inputs mode {inputs!r}; expected one of {INPUT_MODES}")
+    if inputs not in INPUT_MODES: raise UsageError(f"unknown inputs mode {inputs!r}; expected one of {INPUT_MODES}")
     if settings is None:
         settings = dict(dataset=dataset, data_dir=None if data_dir is None else str(data_dir), models=models if isinstance(models, str) else list(models),
                         out=None if out is None else str(out), seeds=_seed_list(seeds, "seeds"), quick=quick,
