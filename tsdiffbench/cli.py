@@ -147,6 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
     _add_run_args(w, "bench/results")
 
+    i = sub.add_parser("icl", help="in-context linear regression as conditional diffusion, against the exact posterior",
+        description="Train a GPT-2-style diffusion denoiser (and an MSE GPT-2) on random linear-regression tasks for each "
+                    "dimension d and score its samples at the query against the exact Bayesian posterior predictive "
+                    "(CRPS ratio, variance ratio, coverage), with least squares and ridge beside it; write "
+                    "icl_regression.{json,md,html}.")
+    i.add_argument("--dims", type=_STEPS, default=[5, 10, 20], help="task dimensions d (default 5,10,20)")
+    i.add_argument("--train-steps", type=_POSITIVE, default=3000, help="optimizer steps of the diffusion model per d (default 3000)")
+    i.add_argument("--point-steps", type=_POSITIVE, default=1000, help="optimizer steps of the MSE GPT-2 per d (default 1000)")
+    i.add_argument("--size", default="tiny", help="GPT-2 size preset (default tiny)")
+    i.add_argument("--parameterization", default="eps", choices=["eps", "v", "x0", "flow"], help="network target (default eps)")
+    i.add_argument("--sampler", default="ddim", help="sampler: ddpm, ddim, euler, heun (default ddim)")
+    i.add_argument("--steps", type=_POSITIVE, default=25, help="sampler steps (default 25)")
+    i.add_argument("--n-samples", type=_POSITIVE, default=64, help="samples per query (default 64)")
+    i.add_argument("--encoder-decoder", action="store_true", help="cross-attention from query tokens to the context instead of one causal sequence")
+    i.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
+    _add_run_args(i, "runs/icl", keep_going=False)                               # publish with --out bench/results
+
     r = sub.add_parser("reproduce", help="rerun the command recorded in a results JSON and compare the numbers",
         description="Read a results JSON (e.g. bench/results/crps_speed.json), rerun exactly the command it records into a "
                     "scratch folder, and print the committed and the new numbers side by side with their difference.")
@@ -309,7 +326,14 @@ def _cmd_weather(args, ctx) -> dict:
                              quick=args.quick, model_options=_parse_mapping(args.model_options, "--model-options"),
                              epochs=args.epochs, **ctx)
 
-_COMMANDS = {"bench": _cmd_bench, "data": _cmd_data, "bench-crps": _cmd_bench_crps, "bench-sampling": _cmd_bench_sampling,
+def _cmd_icl(args, ctx) -> dict:
+    from tsdiffbench.icl.bench import run_icl_bench
+    return run_icl_bench(args.out, dims=tuple(args.dims), seeds=tuple(args.seeds), quick=args.quick, size=args.size,
+                         train_steps=args.train_steps, point_steps=args.point_steps, parameterization=args.parameterization,
+                         sampler=args.sampler, steps=args.steps, n_samples=args.n_samples, encoder_decoder=args.encoder_decoder,
+                         progress=not args.quiet, **ctx)
+
+_COMMANDS = {"icl": _cmd_icl, "bench": _cmd_bench, "data": _cmd_data, "bench-crps": _cmd_bench_crps, "bench-sampling": _cmd_bench_sampling,
              "weather": _cmd_weather}
 
 # %% ../nbs/01_cli.ipynb #c2000be0
