@@ -155,7 +155,10 @@ def render_table(records: list, spec: dict) -> list[str]:
     lines += ["| " + " | ".join([spec["index"]] + labels) + " |", "|---|" + "---:|" * len(cols)]
     lines += ["| " + " | ".join([str(row)] + [_fmt(m, s, c.get("fmt", ".4f"), c.get("suffix", "")) for (m, s, _), c in zip(stats[row], cols)]) + " |"
               for row in rows]
-    if spec.get("best") in labels: lines += ["", spread_verdict(spec["best"], {r: stats[r][labels.index(spec["best"])] for r in rows})]
+    if spec.get("best") in labels:                                  # a ratio's reference row (the oracle) is the floor, not a competitor
+        refs = {c["ratio_to"] for c in cols if c.get("ratio_to") is not None}
+        lines += ["", spread_verdict(spec["best"], {r: stats[r][labels.index(spec["best"])] for r in rows if r not in refs})
+                  + (f" ({', '.join(sorted(refs))}, the reference of the ratios, is not ranked.)" if refs & set(rows) else "")]
     return lines + [""]
 
 def spread_verdict(label: str, stats: dict) -> str:
