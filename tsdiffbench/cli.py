@@ -54,6 +54,7 @@ def _add_run_args(p: argparse.ArgumentParser, out_default, *, seeds: bool = True
                    help="a line of free text for the results' Notes section (repeatable), e.g. what shared the machine")
     if keep_going: p.add_argument("--keep-going", action="store_true",
                                   help="exit 0 even when a model failed (failures are still recorded and printed)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice); recorded with the results")
     p.add_argument("--config", default=None, help="YAML file with any of these options (flags given on the command line win)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 _MODEL_OPTIONS_HELP = ('per-model options as a JSON/YAML mapping, e.g. \'{"flow": {"max_steps": 600, "steps": 5}}\'; '
@@ -324,6 +325,10 @@ def _cmd_reproduce(args, ctx) -> int:
 # %% ../nbs/01_cli.ipynb #ff4505cd
 _COMMANDS["reproduce"] = _cmd_reproduce
 
+def _usage(msg: str):
+    from tsdiffbench.core import UsageError
+    return UsageError(msg)
+
 def _is_input_error(e: BaseException) -> bool:
     "An error of the user's input: an InputError, a missing file, or a ValueError raised by tsdiffbench's own checks."
     from tsdiffbench.core import InputError
@@ -342,6 +347,10 @@ def main(argv: list | None = None) -> int:
     try:
         args = _merge_config(args, parser, argv)
         if getattr(args, "quiet", False): os.environ["TSDIFFBENCH_QUIET"] = "1"
+        if getattr(args, "threads", None) is not None:
+            import torch
+            if args.threads < 1: raise _usage(f"--threads must be ≥ 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         ctx = {} if args.command in ("data", "reproduce") else dict(command=recorded_command(argv, args, parser), settings=settings_of(args))
         result = _COMMANDS[args.command](args, ctx)
     except Exception as e:
