@@ -37,12 +37,13 @@ def _git(*args, cwd) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 def git_commit(path: str | os.PathLike | None = None) -> str | None:
-    "The commit of the checkout holding `path` (default: this package), '-dirty' if tracked files changed; None outside git."
+    "The commit of the checkout holding `path` (default: this package), '-dirty' if tracked files other than bench/results changed; None outside git."
     import tsdiffbench
     cwd = Path(path or Path(tsdiffbench.__file__).parent).resolve()
     commit = _git("rev-parse", "--short=12", "HEAD", cwd=cwd)
     if commit is None: return None
-    return commit + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no", cwd=cwd) else "")
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)bench/results", cwd=cwd)
+    return commit + ("-dirty" if changed else "")                                # results files written by a run are not code
 
 def versions() -> dict:
     "Versions of python, torch, numpy and tsdiffbench (with its git commit)."
@@ -74,6 +75,7 @@ class Run:
     def __init__(self, benchmark: str, command: str | None, settings: dict, device: str = "cpu"):
         self.benchmark, self.command, self.settings, self.device = benchmark, command, dict(settings), device
         self.started, self.t0, self.load_before = utc_now(), time.perf_counter(), _loadavg()
+        self.versions = versions()                                 # the code as the run starts (a long run may see later edits)
         self.failures: list[dict] = []
 
     def fail(self, model: str, error: BaseException, **context) -> None:
@@ -86,7 +88,7 @@ class Run:
         "The results object of the finished run (see the table above)."
         machine = {**machine_info(self.device), "load_average_before": self.load_before, "load_average_after": _loadavg()}
         res = dict(format=RESULTS_FORMAT, benchmark=self.benchmark, title=title, command=self.command,
-                   settings=self.settings, versions=versions(), machine=machine, started=self.started,
+                   settings=self.settings, versions=self.versions, machine=machine, started=self.started,
                    finished=utc_now(), seconds=round(time.perf_counter() - self.t0, 1), description=list(description),
                    tables=list(tables), records=_plain(records), failures=list(self.failures))
         if summary: res["summary"] = _plain(summary)
