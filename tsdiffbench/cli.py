@@ -23,8 +23,8 @@ __all__ = ['SETTINGS_EXCLUDED', 'PATH_OPTIONS', 'build_parser', 'settings_of', '
 # %% ../nbs/01_cli.ipynb #fda23204
 def _arg_type(check, name: str):
     "An argparse type from a checker that raises UsageError (so flags and config values share one check and one message)."
-    from tsdiffbench.core import UsageError
     def parse(value):
+        from tsdiffbench.core import UsageError                    # imported per call: `tsdiffbench --help` needs no torch
         try: return check(value)
         except UsageError as e: raise argparse.ArgumentTypeError(str(e)) from None
     parse.__name__ = name
@@ -43,6 +43,10 @@ def _steps(value) -> list[int]:
     try: return [_positive(s) for s in items]
     except UsageError: raise UsageError(f"steps must be comma-separated positive integers like 5,10; got {value!r}") from None
 
+def _seeds(value) -> list[int]:
+    from tsdiffbench.core import seed_list
+    return seed_list(value)
+
 def _seed(value) -> int:
     from tsdiffbench.core import seed_list
     seeds = seed_list(value, "seed")
@@ -50,10 +54,6 @@ def _seed(value) -> int:
         from tsdiffbench.core import UsageError
         raise UsageError(f"this benchmark takes one --seed (it times code, it does not train), got {value!r}")
     return seeds[0]
-
-def _seeds(value) -> list[int]:
-    from tsdiffbench.core import seed_list
-    return seed_list(value)
 
 _SEEDS, _SEED, _POSITIVE, _STEPS = (_arg_type(_seeds, "seeds"), _arg_type(_seed, "seed"),
                                     _arg_type(_positive, "positive integer"), _arg_type(_steps, "steps"))
