@@ -13,6 +13,8 @@ import pandas as pd
 import torch
 
 import tsdiffbench.models.forecasters  # noqa: F401  (registers the learned forecasters in FORECASTERS)
+import tsdiffbench.timellm.model  # noqa: F401  (registers timellm and timellm_flow in FORECASTERS)
+import tsdiffbench.models.consistency, tsdiffbench.models.latent  # noqa: F401  (registers consistency* and latent* in FORECASTERS)
 from .core import UsageError, atomic_write, progress, seed_everything, seed_list
 from .data.ett import TimeSeriesData, freq_step, load_any
 from .metrics import coverage, crps_ensemble, crps_quantile, mae, mse, nmae, point_forecast
@@ -126,11 +128,11 @@ def build_forecaster(data: TimeSeriesData, name: str, *, seq_len: int, pred_len:
 # %% ../nbs/60_bench.ipynb #a72cf56f
 def evaluate_forecaster(model: Forecaster, data: TimeSeriesData, *, seq_len: int, pred_len: int, n_samples: int = 100,
                         rolling_stride: int | None = None, seed: int = 0, batch_size: int = 128,
-                        split: str = "test") -> list:
-    "Score `model` on `split` under the TSLib and ProbTS protocols; return one record per protocol."
+                        split: str = "test", test_stride: int = 1) -> list:
+    "Score `model` on `split` under the TSLib and ProbTS protocols; return one record per protocol (test_stride > 1: every n-th TSLib window)."
     gen = seed_everything(seed)
-    # TSLib: standardised scale, stride 1, running sums over batches of windows
-    hist, tgt, tidx = window_tensors(data, split, seq_len, pred_len, 1)
+    # TSLib: standardised scale, stride 1 (test_stride > 1 is an estimate that the record names), running sums over batches
+    hist, tgt, tidx = window_tensors(data, split, seq_len, pred_len, test_stride)
     tgt = data.select_output(tgt)
     sums = dict(se=0., ae=0., crps=0., c50=0., c90=0.)
     t0 = time.perf_counter()
@@ -146,7 +148,7 @@ def evaluate_forecaster(model: Forecaster, data: TimeSeriesData, *, seq_len: int
     n = tgt.numel()
     tslib = dict(model=model.name, protocol="tslib", seed=seed, mse=sums["se"] / n, mae=sums["ae"] / n, crps=None, nmae=None,
                  crps_ensemble=sums["crps"] / n, coverage_50=sums["c50"] / n, coverage_90=sums["c90"] / n,
-                 n_windows=len(hist), sample_seconds=seconds)
+                 n_windows=len(hist), test_stride=test_stride, sample_seconds=seconds)
     # ProbTS: original scale, rolling windows, one normaliser over the whole test set
     hist, tgt, tidx = window_tensors(data, split, seq_len, pred_len, rolling_stride or pred_len, count="probts")
     t0 = time.perf_counter()
@@ -166,13 +168,19 @@ TSLIB, PROBTS = {"protocol": "tslib"}, {"protocol": "probts"}
 
 def bench_table(with_oracle: bool = False) -> dict:
     "The declared results table of `run_bench` (rendered by `tsdiffbench.results.render_markdown`)."
-    cols = [column("TSLib MSE", "mse", where=TSLIB), column("TSLib MAE", "mae", where=TSLIB),
-            column("TSLib CRPS", "crps_ensemble", where=TSLIB), column("TSLib cov50", "coverage_50", ".3f", where=TSLIB),
-            column("TSLib cov90", "coverage_90", ".3f", where=TSLIB), column("ProbTS CRPS", "crps", where=PROBTS),
-            column("ProbTS NMAE", "nmae", where=PROBTS), column("ProbTS cov50", "coverage_50", ".3f", where=PROBTS),
-            column("ProbTS cov90", "coverage_90", ".3f", where=PROBTS)]
-    if with_oracle: cols.append(column("CRPS ÷ oracle", "crps", ".3f", where=PROBTS, ratio_to="oracle"))
-    cols += [column("train s", "train_seconds", ".1f", where=TSLIB), column("sample s (TSLib)", "sample_seconds", ".1f", where=TSLIB)]
+    tslib, probts = "TSLib protocol (standardised data, every stride-1 test window)", "ProbTS protocol (original scale, rolling windows)"
+    cols = [column("TSLib MSE", "mse", where=TSLIB, help=f"{tslib}: mean squared error of the ensemble mean"),
+            column("TSLib MAE", "mae", where=TSLIB, help="mean absolute error of the ensemble median"),
+            column("TSLib CRPS", "crps_ensemble", where=TSLIB, help="ensemble CRPS per point, lower is better"),
+            column("TSLib cov50", "coverage_50", ".3f", where=TSLIB, help="share of targets inside the central 50 % interval (ideal 0.5)"),
+            column("TSLib cov90", "coverage_90", ".3f", where=TSLIB, help="the same for the 90 % interval (ideal 0.9)"),
+            column("ProbTS CRPS", "crps", where=PROBTS, help=f"{probts}: quantile CRPS normalised by the sum of |targets|"),
+            column("ProbTS NMAE", "nmae", where=PROBTS, help="absolute error of the median normalised the same way"),
+            column("ProbTS cov50", "coverage_50", ".3f", where=PROBTS), column("ProbTS cov90", "coverage_90", ".3f", where=PROBTS)]
+    if with_oracle: cols.append(column("CRPS ÷ oracle", "crps", ".3f", where=PROBTS, ratio_to="oracle",
+                                       help="ProbTS CRPS divided by the exact forecast distribution's (1 is the floor)"))
+    cols += [column("train s", "train_seconds", ".1f", where=TSLIB, help="training wall seconds"),
+             column("sample s (TSLib)", "sample_seconds", ".1f", where=TSLIB, help="wall seconds to sample the TSLib test set")]
     return table(cols, index="model", best="ProbTS CRPS")
 
 def results_table(records: list) -> pd.DataFrame:
@@ -231,8 +239,10 @@ def run_bench(dataset: str = "synthetic", *, data_dir=None, download: bool = Fal
     first = {n: build_forecaster(data, n, seq_len=seq_len, pred_len=pred_len, seed=plan[n][0], **options.get(n, {}))
              for n in names}                                              # usage errors surface before any training
     run, records, period, train = Run("bench", command, settings), [], seasonal_period(data.freq), data.split_values("train")
-    for n in progress(names, desc="forecasters"):
+    bar = progress(total=sum(map(len, plan.values())), desc=f"bench {data.name}", unit="model")   # one overall bar: done of total
+    for n in names:
         for seed in plan[n]:
+            bar.set_postfix_str(f"{n}, seed {seed}")
             try:
                 model = first[n] if seed == plan[n][0] else build_forecaster(data, n, seq_len=seq_len, pred_len=pred_len, seed=seed, **options.get(n, {}))
                 seed_everything(seed)
@@ -241,6 +251,8 @@ def run_bench(dataset: str = "synthetic", *, data_dir=None, download: bool = Fal
                                                rolling_stride=rolling_stride, seed=seed):
                     records.append({**{k: rec.get(k) for k in RECORD_FIELDS}, "train_seconds": train_seconds})
             except Exception as e: run.fail(n, e, seed=seed)
+            bar.update()
+    bar.close()
     res = run.results(f"tsdiffbench bench: {data.name}, {seq_len} → {pred_len}", records, [bench_table("oracle" in names)],
                       description=_bench_description(data, records, seq_len, pred_len, n_samples, stride, plan))
     out = Path(out or f"runs/bench-{data.name}")

@@ -110,9 +110,9 @@ def _plain(obj):
 
 # %% ../nbs/02_results.ipynb #12b5029e
 def column(label: str, field: str, fmt: str = ".4f", *, where: dict | None = None, ratio_to: str | None = None,
-           suffix: str = "") -> dict:
-    "A table column: record `field` (filtered by `where`), formatted with `fmt` ('int' for counts), optionally ÷ row `ratio_to`."
-    return {k: v for k, v in dict(label=label, field=field, fmt=fmt, where=where, ratio_to=ratio_to, suffix=suffix).items()
+           suffix: str = "", help: str | None = None) -> dict:
+    "A table column: record `field` (filtered by `where`), formatted with `fmt` ('int' for counts), optionally ÷ row `ratio_to`; `help` goes to the legend."
+    return {k: v for k, v in dict(label=label, field=field, fmt=fmt, where=where, ratio_to=ratio_to, suffix=suffix, help=help).items()
             if v not in (None, "")}
 
 def table(columns: list, *, index: str = "model", title: str | None = None, where: dict | None = None,
@@ -157,6 +157,8 @@ def render_table(records: list, spec: dict) -> list[str]:
     lines += ["| " + " | ".join([spec["index"]] + labels) + " |", "|---|" + "---:|" * len(cols)]
     lines += ["| " + " | ".join([str(row)] + [_fmt(m, s, c.get("fmt", ".4f"), c.get("suffix", "")) for (m, s, _), c in zip(stats[row], cols)]) + " |"
               for row in rows]
+    legend = [f"*{c['label']}*: {c['help']}" for c in cols if c.get("help")]
+    if legend: lines += ["", "Columns — " + "; ".join(legend) + "."]
     if spec.get("best") in labels:                                  # a ratio's reference row (the oracle) is the floor, not a competitor
         refs = {c["ratio_to"] for c in cols if c.get("ratio_to") is not None}
         lines += ["", spread_verdict(spec["best"], {r: stats[r][labels.index(spec["best"])] for r in rows if r not in refs})

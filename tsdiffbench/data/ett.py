@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..core import DataError, UsageError
 from ..core import cache_dir as default_cache_dir
-from ..core import data_dir as default_data_dir
+from ..core import data_dir as default_data_dir, shared_data_dir
 
 # %% auto #0
 __all__ = ['ETDATASET_COMMIT', 'ETDATASET_URL', 'DATASETS', 'CUSTOM', 'KNOWN_DATASETS', 'SPLITS', 'TIME_FEATURES', 'FEATURES',
@@ -113,7 +113,7 @@ def resolve_csv(name: str, data_dir: str | os.PathLike | None = None, download: 
     info = dataset_info(name)
     if info.url is None:
         raise UsageError("a 'custom' data set has no download source; pass the CSV itself: load_dataset('custom', path=...)")
-    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    root = Path(data_dir).expanduser() if data_dir is not None else (default_data_dir() or shared_data_dir())   # ../shared/data beside the checkout
     if root is not None and not root.is_dir():
         source = "--data-dir" if data_dir is not None else "TSDIFFBENCH_DATA"
         raise DataError(f"data directory {root} (from {source}) does not exist or is not a folder; "

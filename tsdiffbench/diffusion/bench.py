@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .samplers import sample
-from ..metrics.bench import _timed
+from ..core import progress
+from ..metrics.bench import _timed, bar_steps
 from ..results import Run, column, table, write_results
 
 # %% auto #0
@@ -63,8 +64,10 @@ def run_sampling_benchmark(out: str | os.PathLike | None = None, *, batch: int =
     kw = dict(sampler=sampler, steps=steps, schedule="linear", parameterization="eps", progress=False)
     sample(model, shape, cond, **{**kw, "steps": 1}, x_init=x_init[:1])                      # warm-up (allocator, kernels)
     sample(model, shape, cond, **{**kw, "steps": 1}, n_samples=n_samples, x_init=x_init)
-    naive, naive_s = _timed(lambda: torch.cat([sample(model, shape, cond, **kw, x_init=x_init[j:j + 1]) for j in range(n_samples)]))
+    bar = progress(total=n_samples + 1, desc="bench-sampling (naive: one call per sample, then batched)", unit="call")
+    naive, naive_s = _timed(lambda: torch.cat([sample(model, shape, cond, **kw, x_init=x_init[j:j + 1]) for j in bar_steps(bar, n_samples)]))
     batched, batched_s = _timed(lambda: sample(model, shape, cond, **kw, n_samples=n_samples, x_init=x_init))
+    bar.update(); bar.close()
     difference = float((naive - batched).abs().max())
     sample_steps = n_samples * batch * steps
     records = [dict(path="naive", seconds=round(naive_s, 6), network_calls=n_samples * steps, rows_per_call=batch,
@@ -117,6 +120,7 @@ def run_shared_cond_benchmark(out: str | os.PathLike | None = None, *, denoisers
                         device=str(device), n_vars=n_vars, pred_len=pred_len, d_cond=d_cond)
     run = Run("bench-sampling", command, settings, str(device))
     records, sizes = [], {}
+    bar = progress(total=len(denoisers) * len(step_counts) * repeats, desc="bench-sampling --shared-cond (tiled + shared)", unit="repeat")
     for name in denoisers:
         torch.manual_seed(seed)
         options = {"base_channels": 32} if name == "unet1d" else {}    # as the diffusion_unet forecaster
@@ -135,7 +139,7 @@ def run_shared_cond_benchmark(out: str | os.PathLike | None = None, *, denoisers
         sizes[name] = (n_parameters, options)
         for n_steps in step_counts:
             times = {"tiled": [], "shared": []}
-            for _ in range(repeats):                                   # interleaved, best of `repeats`: the least disturbed run
+            for _ in bar_steps(bar, repeats):                          # interleaved, best of `repeats`: the least disturbed run
                 tiled, s = _timed(lambda: sample(tiled_model, shape, cond, steps=n_steps, x_init=x_init, **kw)); times["tiled"].append(round(s, 4))
                 shared, s = _timed(lambda: sample(shared_model, shape, cond, steps=n_steps, x_init=x_init, **kw)); times["shared"].append(round(s, 4))
             tiled_s, shared_s = min(times["tiled"]), min(times["shared"])
@@ -146,6 +150,7 @@ def run_shared_cond_benchmark(out: str | os.PathLike | None = None, *, denoisers
                                 target_120s="met" if shared_s * scale < TEST_SET_TARGET_SECONDS else "missed",
                                 max_abs_difference=float((tiled - shared).abs().max()),
                                 tiled_run_seconds=times["tiled"], shared_run_seconds=times["shared"]))
+    bar.close()
     verdict = {v: [f"{r['denoiser']} at {r['steps']} steps" for r in records if r["target_120s"] == v] for v in ("met", "missed")}
     nets = ", ".join(f"{name} ({n:,} parameters" + "".join(f", {k} {v}" for k, v in o.items()) + ")" for name, (n, o) in sizes.items())
     description = [

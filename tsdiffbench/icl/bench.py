@@ -50,30 +50,31 @@ def train_icl_models(d: int, *, seed: int = 0, size: str = "tiny", train_steps: 
                      batch_size: int = 64, n_query: int = 16, lr: float = 1e-3, sigma: float = 0.5, signal_std: float = 1.0,
                      k_train: int | None = None, k_window: int | None = None, curriculum: bool = True,
                      parameterization: str = "eps", schedule: str = "linear", T: int = 1000, sampler: str = "ddim", steps: int = 25,
-                     encoder_decoder: bool = False, ema_decay: float = 0.99, device: str = "auto", progress: bool = True) -> ICLModels:
-    "Train the denoiser (and, if point_steps > 0, the MSE regressor) for dimension d; k_train defaults to 2d, k_window to 3d."
+                     encoder_decoder: bool = False, ema_decay: float = 0.99, warm_start: bool = False, point_lr: float | None = None,
+                     device: str = "auto", progress: bool = True) -> ICLModels:
+    "Train the MSE regressor (if point_steps > 0) and the denoiser for dimension d (warm_start: from the regressor's weights); k_train defaults to 2d, k_window to 3d."
     k_train = 2 * d if k_train is None else k_train
     k_window = max(3 * d, k_train) if k_window is None else k_window
     if k_train > k_window: raise UsageError(f"k_train = {k_train} exceeds the context window k_window = {k_window}")
     sched = icl_schedule(schedule, T)
     check_sampling(sched, parameterization, sampler, steps)
     _check_size(size)
-    ramp = train_steps // 2 if curriculum else 0
-    stream = lambda s: TaskStream(d, k_train, batch_size=batch_size, n_query=n_query, sigma=sigma, signal_std=signal_std,
-                                  curriculum=Curriculum(d, k_train, ramp_steps=ramp), seed=s)
-    seed_everything(seed)
-    denoiser = ICLDenoiser(d, k_window, size, time_scale=time_scale_for(sched), encoder_decoder=encoder_decoder)
-    fit = train_icl(denoiser, stream(seed), steps=train_steps, schedule=sched, parameterization=parameterization, lr=lr,
-                    ema_decay=ema_decay or None, seed=seed, device=device, progress=progress)
-    seconds, regressor = {"diffusion": fit["seconds"]}, None
+    if warm_start and not point_steps: raise UsageError("warm_start starts the denoiser from the MSE regressor: it needs point_steps > 0")
+    stream = lambda s, steps, ramped=curriculum: TaskStream(d, k_train, batch_size=batch_size, n_query=n_query, sigma=sigma,
+                                                            signal_std=signal_std, seed=s,
+                                                            curriculum=Curriculum(d, k_train, ramp_steps=steps // 2 if ramped else 0))
+    seconds, regressor = {}, None
     if point_steps:
         seed_everything(seed)
         regressor = ICLRegressor(d, k_window, size, encoder_decoder=encoder_decoder)
-        ramp = point_steps // 2 if curriculum else 0
-        seconds["gpt2_mse"] = train_icl(regressor, TaskStream(d, k_train, batch_size=batch_size, n_query=n_query, sigma=sigma,
-                                        signal_std=signal_std, curriculum=Curriculum(d, k_train, ramp_steps=ramp), seed=seed + 1),
-                                        steps=point_steps, lr=lr, ema_decay=ema_decay or None, seed=seed, device=device,
-                                        progress=progress)["seconds"]
+        seconds["gpt2_mse"] = train_icl(regressor, stream(seed + 1, point_steps), steps=point_steps, lr=point_lr or lr,
+                                        ema_decay=ema_decay or None, seed=seed, device=device, progress=progress)["seconds"]
+    seed_everything(seed)
+    denoiser = ICLDenoiser(d, k_window, size, time_scale=time_scale_for(sched), encoder_decoder=encoder_decoder)
+    if warm_start: denoiser.load_state_dict(regressor.state_dict(), strict=False)      # all but the time MLP; no curriculum again
+    fit = train_icl(denoiser, stream(seed, train_steps, curriculum and not warm_start), steps=train_steps, schedule=sched,
+                    parameterization=parameterization, lr=lr, ema_decay=ema_decay or None, seed=seed, device=device, progress=progress)
+    seconds["diffusion"] = fit["seconds"] + (seconds["gpt2_mse"] if warm_start else 0.0)   # its cost includes the regressor it starts from
     return ICLModels(d, denoiser.eval(), regressor.eval() if regressor is not None else None, sched, parameterization, sampler,
                      steps, float(sigma), float(signal_std), k_train, seconds)
 
@@ -251,7 +252,8 @@ def run_icl_bench(out: str | os.PathLike | None = None, *, dims=(5, 10, 20), see
                   lr: float = 1e-3, sigma: float = 0.5, ood_sigma: float = 1.0, signal_std: float = 1.0, k_factor: int = 2,
                   window_factor: int = 3, curriculum: bool = True, parameterization: str = "eps", schedule: str = "linear",
                   T: int = 1000, sampler: str = "ddim", steps: int = 25, n_samples: int = 64, eval_tasks: int = 128,
-                  k_points: int = 11, encoder_decoder: bool = False, ema_decay: float = 0.99, device: str = "auto",
+                  k_points: int = 11, encoder_decoder: bool = False, ema_decay: float = 0.99, warm_start: bool = False,
+                  point_lr: float | None = None, device: str = "auto",
                   threads: int = 0, figure: bool = True, progress: bool = True, command: str | None = None,
                   settings: dict | None = None) -> dict:
     "Train and score the in-context regression models for each d; write icl_regression.{json,md,html} to `out` (default None: write nothing)."
@@ -273,7 +275,7 @@ def run_icl_bench(out: str | os.PathLike | None = None, *, dims=(5, 10, 20), see
     s = dict(out=None if out is None else str(out), dims=list(dims), seeds=list(seeds), quick=quick, **options, lr=lr, sigma=sigma,
              ood_sigma=ood_sigma, signal_std=signal_std, k_factor=k_factor, window_factor=window_factor, curriculum=curriculum,
              parameterization=parameterization, schedule=schedule, sampler=sampler, encoder_decoder=encoder_decoder,
-             ema_decay=ema_decay, device=str(device), threads=threads)
+             ema_decay=ema_decay, warm_start=warm_start, point_lr=point_lr, device=str(device), threads=threads)
     run = Run("icl", command, settings if settings is not None else s, str(dev))
     saved_threads = torch.get_num_threads()
     if threads: torch.set_num_threads(threads)
@@ -287,7 +289,7 @@ def run_icl_bench(out: str | os.PathLike | None = None, *, dims=(5, 10, 20), see
                                               lr=lr, sigma=sigma, signal_std=signal_std, k_train=k_factor * d, k_window=window_factor * d,
                                               curriculum=curriculum, parameterization=parameterization, schedule=schedule, T=options["T"],
                                               sampler=sampler, steps=options["steps"], encoder_decoder=encoder_decoder, ema_decay=ema_decay,
-                                              device=str(dev), progress=progress)
+                                              warm_start=warm_start, point_lr=point_lr, device=str(dev), progress=progress)
                     for name, value in models.train_seconds.items(): seconds[f"{name} d={d} seed {seed}"] = value
                     evaluate = lambda k, **kw: evaluate_icl(models, k, n_tasks=options["eval_tasks"], n_samples=options["n_samples"], seed=seed, **kw)
                     for k in k_grid(d, k_factor * d, options["k_points"]):

@@ -12,12 +12,12 @@ import time
 import numpy as np
 import torch
 
-from ..core import UsageError, seed_everything
+from ..core import UsageError, progress, seed_everything
 from .probabilistic import crps_ensemble
 from ..results import Run, column, table, write_results
 
 # %% auto #0
-__all__ = ['crps_ensemble_loop', 'run_crps_speed_benchmark']
+__all__ = ['crps_ensemble_loop', 'bar_steps', 'run_crps_speed_benchmark']
 
 # %% ../../nbs/44_metrics.bench.ipynb #c0886644
 def crps_ensemble_loop(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -38,6 +38,12 @@ def _timed(fn, *args):
     result = fn(*args)
     if isinstance(result, torch.Tensor) and result.is_cuda: torch.cuda.synchronize(result.device)
     return result, time.perf_counter() - start
+
+def bar_steps(bar, n: int):
+    "range(n), advancing the progress bar `bar` between items: progress for timed repeats, outside the timed calls."
+    for i in range(n):
+        yield i
+        bar.update()
 
 def _properscoring_chunked(samples: np.ndarray, target: np.ndarray, chunk: int) -> np.ndarray:
     "properscoring.crps_ensemble over (m, P) samples in chunks of `chunk` points (its NumPy path needs O(P m²) memory)."
@@ -66,17 +72,19 @@ def run_crps_speed_benchmark(out: str | os.PathLike | None = None, *, seed: int 
     samples = torch.randn(m, n_points, generator=generator, dtype=torch.float64)   # (m, P)
     target = torch.randn(n_points, generator=generator, dtype=torch.float64)       # (P,)
 
-    loop_scores, loop_seconds = _timed(crps_ensemble_loop, samples, target)
+    bar = progress(total=1 + repeats + bool(properscoring), desc="bench-crps (loop, vectorised ×repeats, properscoring)", unit="run")
+    loop_scores, loop_seconds = _timed(crps_ensemble_loop, samples, target); bar.update()
     vectorized = lambda: crps_ensemble(samples, target, reduction="none")
     crps_ensemble(samples[:, :1000], target[:1000], reduction="none")              # warm-up (allocator, kernels)
-    runs = [_timed(vectorized) for _ in range(repeats)]
+    runs = [_timed(vectorized) for _ in bar_steps(bar, repeats)]
     measured = [("naive loop", loop_scores, [loop_seconds]), ("crps_ensemble", runs[-1][0], [s for _, s in runs])]
     version = _properscoring_version() if properscoring else None
     if properscoring and version is None:
         raise UsageError("properscoring is not installed: install it (pip install properscoring) or pass properscoring=False (--no-properscoring)")
     if version is not None:
-        reference, seconds = _timed(_properscoring_chunked, samples.numpy(), target.numpy(), properscoring_chunk)
+        reference, seconds = _timed(_properscoring_chunked, samples.numpy(), target.numpy(), properscoring_chunk); bar.update()
         measured.append(("properscoring", torch.from_numpy(reference), [seconds]))
+    bar.close()
 
     records = [dict(implementation=name, seconds=round(statistics.median(times), 6), run_seconds=[round(s, 6) for s in times],
                     us_per_point=round(1e6 * statistics.median(times) / n_points, 4),

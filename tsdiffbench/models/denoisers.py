@@ -17,8 +17,8 @@ from .layers import (MLP, AdaLNModulation, AdaLNZeroBlock, CrossAttentionBlock, 
                                        add_rows, check_shape, count_parameters, modulate, tile_rows)
 
 # %% auto #0
-__all__ = ['DENOISERS', 'read_cond', 'read_time', 'read_inputs', 'ConditionEmbedder', 'ResBlock1D', 'UNetStage', 'UNet1DDenoiser',
-           'DiTDenoiser', 'unet1d']
+__all__ = ['DENOISERS', 'read_cond', 'read_time', 'read_inputs', 'ConditionEmbedder', 'TemporalCondition', 'ResBlock1D',
+           'UNetStage', 'UNet1DDenoiser', 'DiTDenoiser', 'unet1d']
 
 # %% ../../nbs/22_models.denoisers.ipynb #8fd47907
 def read_cond(cond, x_t: torch.Tensor, d_cond: int, use_y_det: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -51,13 +51,25 @@ def read_inputs(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond) -> t
     return read_time(t, x_t.shape[0]), z, y_det
 
 class ConditionEmbedder(nn.Module):
-    "Global condition c (B, d_model) = TimestepEmbedder(t) + MLP(mean over variates of z)."
-    def __init__(self, d_model: int, d_cond: int, t_max: float = 1.0):
+    "Global condition c (B, d_model) = TimestepEmbedder(t) + MLP(mean over variates of z); `pooled=False`: the time embedding alone."
+    def __init__(self, d_model: int, d_cond: int, t_max: float = 1.0, pooled: bool = True):
         super().__init__()
         self.time = TimestepEmbedder(d_model, t_max=t_max)
-        self.pool = MLP(d_cond, d_model, d_model, act="silu")
+        self.pool = MLP(d_cond, d_model, d_model, act="silu") if pooled else None
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.pool is None: return self.time(t)                        # (B, d_model) or (1, d_model): no encoder state
         return add_rows(self.time(t), self.pool(z.mean(dim=1)))         # (B, d_model), or (n·B, d_model) for per-row t
+
+# %% ../../nbs/22_models.denoisers.ipynb #19e07a70
+class TemporalCondition(nn.Module):
+    "Per-time condition τ (B, N, H, k): each variate token z_n (d_cond) projected linearly to k values per horizon step."
+    def __init__(self, d_cond: int, pred_len: int, dim: int = 4):
+        super().__init__()
+        if dim < 1: raise ValueError(f"temporal_dim must be a positive integer, got {dim}")
+        self.pred_len, self.dim = pred_len, dim
+        self.proj = nn.Linear(d_cond, pred_len * dim)
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.proj(z).unflatten(-1, (self.pred_len, self.dim))      # (B, N, H, k)
 
 # %% ../../nbs/22_models.denoisers.ipynb #ebc453a3
 class ResBlock1D(nn.Module):
@@ -95,16 +107,22 @@ class UNet1DDenoiser(nn.Module):
     shared_cond = False         # can take cond per window, but on a CPU that gained nothing (0.9-1.1x, sampling_shared_cond.md)
     def __init__(self, pred_len: int, n_vars: int, d_cond: int, base_channels: int = 64, channel_mults=(1, 2, 2),
                  n_heads: int = 4, attn_from_level: int = 1, use_y_det: bool = False, t_max: float = 1.0,
-                 dropout: float = 0.0, groups: int = 8):
+                 dropout: float = 0.0, groups: int = 8, global_cond: bool = True, cross_attention: bool = True,
+                 temporal_cond: bool = False, temporal_dim: int = 4, per_variate_cond: bool = False, variate_dim: int = 4):
         super().__init__()
         self.pred_len, self.n_vars, self.d_cond, self.use_y_det = pred_len, n_vars, d_cond, use_y_det
         chans = [base_channels * m for m in channel_mults]
         self.multiple = 2 ** (len(chans) - 1)
         self.padded_len = math.ceil(pred_len / self.multiple) * self.multiple
         d_emb = 4 * base_channels
-        self.cond_embed = ConditionEmbedder(d_emb, d_cond, t_max)
-        self.in_conv = nn.Conv1d(n_vars * (2 if use_y_det else 1), base_channels, 3, padding=1)
-        stage = lambda c_in, c_out, level: UNetStage(c_in, c_out, d_emb, d_cond, n_heads, level >= attn_from_level, groups, dropout)
+        self.cond_embed = ConditionEmbedder(d_emb, d_cond, t_max, pooled=global_cond)
+        self.temporal = TemporalCondition(d_cond, pred_len, temporal_dim) if temporal_cond else None   # per time: (B, N, H, k)
+        self.variate_in = nn.Linear(d_cond, variate_dim) if per_variate_cond else None   # per variate: z_n → channel n's k codes
+        in_channels = (n_vars * (2 if use_y_det else 1) + (n_vars * temporal_dim if temporal_cond else 0)
+                       + (n_vars * variate_dim if per_variate_cond else 0))
+        self.in_conv = nn.Conv1d(in_channels, base_channels, 3, padding=1)
+        attend = lambda level: cross_attention and level >= attn_from_level     # per variate: cross-attention to the tokens z
+        stage = lambda c_in, c_out, level: UNetStage(c_in, c_out, d_emb, d_cond, n_heads, attend(level), groups, dropout)
         self.down = nn.ModuleList(stage(c_prev, c, i) for i, (c_prev, c) in enumerate(zip([base_channels] + chans, chans)))
         self.downsample = nn.ModuleList(nn.Conv1d(c, c, 3, stride=2, padding=1) for c in chans[:-1])
         self.mid = stage(chans[-1], chans[-1], len(chans))
@@ -123,6 +141,12 @@ def forward(self: UNet1DDenoiser, x_t: torch.Tensor, t: torch.Tensor, cond) -> t
     B, H, N = x_t.shape
     c = self.cond_embed(t, z)                                               # (B, d_emb)
     inp = x_t if y_det is None else torch.cat([x_t, tile_rows(y_det.to(x_t.dtype), B)], dim=-1)   # (B, H, N or 2N)
+    if self.temporal is not None:                                           # per-time condition as N·k more input channels
+        tau = self.temporal(z).permute(0, 2, 1, 3).flatten(2)               # (B_z, H, N·k)
+        inp = torch.cat([inp, tile_rows(tau.to(x_t.dtype), B)], dim=-1)
+    if self.variate_in is not None:                                         # per-variate condition, constant along the horizon
+        v = self.variate_in(z)[:, None].expand(-1, H, -1, -1).flatten(2)   # (B_z, H, N·k)
+        inp = torch.cat([inp, tile_rows(v.to(x_t.dtype), B)], dim=-1)
     h = self.in_conv(F.pad(inp.transpose(1, 2), (0, self.padded_len - H)))  # (B, C_0, H_pad): variates as channels
     skips = []
     for level, stage in enumerate(self.down):
@@ -141,7 +165,8 @@ class DiTDenoiser(nn.Module):
     shared_cond = True          # takes cond per window with x_t holding n samples of each (see `diffusion.samplers.Denoiser`)
     def __init__(self, pred_len: int, n_vars: int, d_cond: int, d_model: int = 128, depth: int = 4, n_heads: int = 4,
                  mlp_ratio: float = 4.0, patch_len: int | None = None, per_variate_cond: bool = True,
-                 use_y_det: bool = False, t_max: float = 1.0, dropout: float = 0.0):
+                 use_y_det: bool = False, t_max: float = 1.0, dropout: float = 0.0, global_cond: bool = True,
+                 cross_attention: bool = True, temporal_cond: bool = False, temporal_dim: int = 4):
         super().__init__()
         self.pred_len, self.n_vars, self.d_cond, self.d_model, self.use_y_det = pred_len, n_vars, d_cond, d_model, use_y_det
         self.patch_len = patch_len or pred_len
@@ -149,13 +174,15 @@ class DiTDenoiser(nn.Module):
         self.n_patches = math.ceil(pred_len / self.patch_len)
         self.patch_embed = nn.Linear(self.patch_len * (2 if use_y_det else 1), d_model)
         self.patch_pos = nn.Parameter(torch.zeros(self.n_patches, d_model))     # per-time code (one row = a bias for variate tokens)
-        self.cond_embed = ConditionEmbedder(d_model, d_cond, t_max)              # global: t and mean z
+        self.cond_embed = ConditionEmbedder(d_model, d_cond, t_max, pooled=global_cond)   # global: t and mean z
         self.variate_cond = MLP(d_cond, d_model, d_model, act="silu") if per_variate_cond else None   # per variate: z_n
-        self.blocks = nn.ModuleList(AdaLNZeroBlock(d_model, n_heads, d_cond=d_model, d_context=d_cond, mlp_ratio=mlp_ratio,
-                                                   dropout=dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(AdaLNZeroBlock(d_model, n_heads, d_cond=d_model, d_context=d_cond if cross_attention else None,
+                                                   mlp_ratio=mlp_ratio, dropout=dropout) for _ in range(depth))
         self.final_norm = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
         self.final_modulation = AdaLNModulation(d_model, d_model, 2)
         self.final = nn.Linear(d_model, self.patch_len)
+        self.temporal = TemporalCondition(d_cond, pred_len, temporal_dim) if temporal_cond else None   # per time: (B, N, H, k)
+        self.temporal_embed = nn.Linear(self.patch_len * temporal_dim, d_model) if temporal_cond else None
         self.initialize_weights()
 
 @patch
@@ -167,6 +194,7 @@ def initialize_weights(self: DiTDenoiser):
     for m in self.modules():
         if isinstance(m, AdaLNModulation): m.reset_parameters()                 # gates, shifts, scales = 0
     nn.init.zeros_(self.final.weight); nn.init.zeros_(self.final.bias)
+    if self.temporal_embed is not None: nn.init.zeros_(self.temporal_embed.weight)   # the per-time condition starts silent
 
 # %% ../../nbs/22_models.denoisers.ipynb #fb9d2c18
 @patch
@@ -192,6 +220,9 @@ def forward(self: DiTDenoiser, x_t: torch.Tensor, t: torch.Tensor, cond) -> torc
     h = F.linear(self.patchify(x_t), w[:, :p], self.patch_embed.bias) + self.patch_pos   # (B, N, P, d)
     if y_det is not None:                                                    # ŷ_det's share of the embedding, once per window
         h = add_rows(h, F.linear(self.patchify(y_det.to(x_t.dtype)), w[:, p:]))
+    if self.temporal is not None:                                            # per time: τ (B, N, H, k) → each patch's own code
+        tau = F.pad(self.temporal(z).to(x_t.dtype), (0, 0, 0, self.n_patches * p - H))   # (B_z, N, P·p, k)
+        h = add_rows(h, self.temporal_embed(tau.reshape(tau.shape[0], N, self.n_patches, -1)))   # + (B_z, N, P, d)
     h = h.flatten(1, 2)                                                      # (B, N·P, d): variate-major tokens
     c = self.cond_embed(t, z)                                                # (B_c, d): global condition, B_c = windows for a 0-d t
     if self.variate_cond is not None:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,19 +17,21 @@ from torch.utils.data import TensorDataset
 
 from ..core import autocast_context, get_device, in_test
 from ..data.ett import TimeSeriesData
-from ..diffusion.parameterization import diffusion_loss, get_parameterization, parameterizations
-from ..diffusion.samplers import sample, samplers
-from ..diffusion.schedules import get_schedule, schedules
-from ..metrics import crps_ensemble
-from .backbones import BACKBONES, ITransformer
+from ..diffusion.parameterization import diffusion_loss, get_parameterization, loss_weightings, parameterizations
+from ..diffusion.samplers import Denoiser, grid_points, run_sampler, sample, samplers
+from ..diffusion.schedules import FlowSchedule, get_schedule, schedules
+from ..metrics import crps_ensemble, pit_histogram
+from .backbones import BACKBONES, ITransformer, series_decomposition
 from .base import FORECASTERS, Forecaster, window_tensors
 from .denoisers import DENOISERS
 from ..train import Trainer, TrainConfig, ramp
 from ..viz import add_fan
 
 # %% auto #0
-__all__ = ['window_dataset', 'check_windows', 'PointForecaster', 'DiffusionNet', 'DiffusionForecaster', 'select_noise_scale',
-           'variate_fan_chart', 'forecast_panel']
+__all__ = ['CONDITIONING_LEVELS', 'window_dataset', 'check_windows', 'PointForecaster', 'DiffusionNet', 'DiffusionForecaster',
+           'conditioning_options', 'MinSigmaFlowSchedule', 'parseval_weights', 'spectral_loss', 'decomposition_loss',
+           'correlation_matrix', 'correlation_loss', 'select_noise_scale', 'StandardizedQuantileMap', 'pit_distance',
+           'pit_figure', 'variate_fan_chart', 'forecast_panel']
 
 # %% ../../nbs/23_models.forecasters.ipynb #1abdee0f
 def window_dataset(data: TimeSeriesData, split: str, seq_len: int, pred_len: int, stride: int = 1) -> TensorDataset:
@@ -134,7 +137,12 @@ class DiffusionForecaster(Forecaster):
                  lr_backbone: float = 5e-4, lr_denoiser: float = 1e-3, alpha_end: float = 0.3, ramp_steps: int = 300,
                  batch_size: int = 64, patience: int | None = 3, ema_decay: float | None = 0.99, train_stride: int = 1,
                  val_stride: int = 2, chunk_size: int | None = 50, init_scale: float = 1.0, calibrate: bool = False,
-                 calibrate_scales=(0.7, 0.8, 0.9, 1.0), device: str = "auto", amp: str = "auto", name: str | None = None):
+                 calibrate_scales=(0.7, 0.8, 0.9, 1.0), device: str = "auto", amp: str = "auto", name: str | None = None,
+                 weighting: str = "plain", snr_gamma: float = 5.0, t_curriculum_steps: int = 0, t_curriculum_start: float = 0.3,
+                 sigma_min: float = 0.0, loss_fft: float = 0.0, fft_phase: float = 0.5, loss_decomp: float = 0.0,
+                 decomp_kernel: int = 25, loss_corr: float = 0.0, crps_finetune_steps: int = 0, crps_members: int = 8,
+                 crps_sampler_steps: int = 2, crps_lr: float = 1e-4, crps_batch_size: int = 32, conditioning: str | None = None,
+                 calibrate_fair: bool = False):
         _check_choice("parameterization", parameterization, parameterizations)
         _check_choice("sampler", sampler, samplers)
         _check_choice("denoiser", denoiser, DENOISERS)
@@ -148,6 +156,17 @@ class DiffusionForecaster(Forecaster):
         if parameterization == "eps" and float(self.schedule.coefficients(torch.ones(1, dtype=torch.float64)).alpha) < 1e-4:
             raise ValueError(f"eps-prediction cannot recover x0 where alpha ≈ 0 (t = 1 of the {schedule!r} schedule); "
                              "use parameterization 'v' or 'x0', or schedule 'linear' (alpha > 0 at t = 1) with 'eps'")
+        _check_choice("loss weighting", weighting, loss_weightings)
+        if calibrate not in (False, True, "noise", "full"):
+            raise ValueError(f"calibrate must be False, True (= 'noise': the initial-noise scale) or 'full' (noise scale + quantile map), got {calibrate!r}")
+        if sigma_min:
+            if parameterization != "flow" or schedule != "flow": raise ValueError("sigma_min applies to flow matching only: use parameterization='flow', schedule='flow'")
+            self.schedule = MinSigmaFlowSchedule("flow", sigma_min=sigma_min)
+        self.weighting, self.snr_gamma, self.t_curriculum_steps, self.t_curriculum_start = weighting, snr_gamma, t_curriculum_steps, t_curriculum_start
+        self.ts_weights = {"fft": loss_fft, "decomp": loss_decomp, "corr": loss_corr}
+        self.fft_phase, self.decomp_kernel = fft_phase, decomp_kernel
+        self.crps_finetune_steps, self.crps_members, self.crps_sampler_steps = crps_finetune_steps, crps_members, crps_sampler_steps
+        self.crps_lr, self.crps_batch_size, self.calibrate_fair, self.quantile_map = crps_lr, crps_batch_size, calibrate_fair, None
         self.training, self.alpha_end, self.ramp_steps = training, alpha_end, ramp_steps
         self.chunk_size, self.init_scale, self.calibrate, self.calibrate_scales = chunk_size, init_scale, calibrate, tuple(calibrate_scales)
         self.train_stride, self.val_stride = train_stride, val_stride
@@ -155,7 +174,7 @@ class DiffusionForecaster(Forecaster):
         torch.manual_seed(seed)
         N = data.n_variates
         encoder = ITransformer(seq_len, pred_len, N, d_model=d_model, n_heads=n_heads, n_layers=n_layers, dropout=dropout)
-        den = DENOISERS[denoiser](pred_len, N, d_model, use_y_det=True, **(denoiser_options or {}))
+        den = DENOISERS[denoiser](pred_len, N, d_model, use_y_det=True, **conditioning_options(conditioning), **(denoiser_options or {}))
         self.net = DiffusionNet(encoder, den, target)
         common = dict(batch_size=batch_size, patience=patience, seed=seed, device=str(self.device), amp=amp)
         self.config = _config(epochs=epochs, max_steps=max_steps, lr=lr, ema_decay=ema_decay, **common)
@@ -164,16 +183,15 @@ class DiffusionForecaster(Forecaster):
         self.history = {}
 
     # --- losses ------------------------------------------------------------------------------------------
-    def diff_loss(self, net, x, y):
-        "(L_diff, L_det) on a batch: the denoising loss of x0 = to_target(y) and the MSE of y_det."
+    def diff_loss(self, net, x, y, state=None):
+        "(L_diff, L_det) on a batch: the denoising loss of x0 = to_target(y) (+ the time-series-aware terms) and the MSE of y_det."
         cond, y_det, stats = net.condition(x)
-        l_diff = diffusion_loss(net.denoiser, net.to_target(y, y_det, stats).float(), cond, schedule=self.schedule,
-                                parameterization=self.parameterization)
+        l_diff = self.denoising_loss(net.denoiser, net.to_target(y, y_det, stats).float(), cond, state)
         return l_diff, F.mse_loss(y_det.float(), y)
 
     def e2e_loss(self, net, batch, state):
         "α·L_det + (1−α)·L_diff with α from the curriculum (1 at validation: not used there)."
-        l_diff, l_det = self.diff_loss(net, *batch)
+        l_diff, l_det = self.diff_loss(net, *batch, state)
         a = state.alpha if state.alpha is not None else 0.5
         return a * l_det + (1 - a) * l_diff, {"det": l_det, "diff": l_diff}
 
@@ -191,12 +209,11 @@ class DiffusionForecaster(Forecaster):
         x, y = batch
         return F.mse_loss(encoder(x).float(), y)
 
-    def frozen_loss(self, denoiser, batch):
+    def frozen_loss(self, denoiser, batch, state=None):
         "Stage 2: the denoising loss with the encoder frozen (run without gradients)."
         x, y = batch
         with torch.no_grad(): cond, y_det, stats = self.net.condition(x)
-        return diffusion_loss(denoiser, self.net.to_target(y, y_det, stats).float(), cond, schedule=self.schedule,
-                              parameterization=self.parameterization)
+        return self.denoising_loss(denoiser, self.net.to_target(y, y_det, stats).float(), cond, state)
 
     # --- fit ---------------------------------------------------------------------------------------------
     def fit(self, train: np.ndarray, period: int = 24) -> "DiffusionForecaster":
@@ -216,8 +233,9 @@ class DiffusionForecaster(Forecaster):
             self.history["stage2"] = trainer.fit(tr, va)
             if trainer.ema is not None: trainer.ema.copy_to(self.net.denoiser)
             self.net.encoder.requires_grad_(True)
+        if self.crps_finetune_steps: self.history["crps_finetune"] = self.crps_finetune(tr)
         self.net.to(self.device).eval()
-        if self.calibrate: self.init_scale = self.calibrate_noise_scale()
+        if self.calibrate: self.fit_calibration()
         return self
 
     # --- sampling ----------------------------------------------------------------------------------------
@@ -229,8 +247,8 @@ class DiffusionForecaster(Forecaster):
 
     @torch.no_grad()
     def sample(self, history, target_index=None, n_samples: int = 100, generator=None, *, steps: int | None = None,
-               sampler: str | None = None, init_scale: float | None = None, return_trajectory: bool = False):
-        "An ensemble (n_samples, B, H, N) in standardised units (on history's device); optionally the denoising trajectory."
+               sampler: str | None = None, init_scale: float | None = None, return_trajectory: bool = False, raw: bool = False):
+        "An ensemble (n_samples, B, H, N) in standardised units (on history's device); optionally the denoising trajectory; `raw`: without the quantile map."
         self.net.eval()
         x = history.to(self.device, torch.float32)                                   # (B, S, N)
         sampler = sampler or self.sampler
@@ -245,9 +263,126 @@ class DiffusionForecaster(Forecaster):
                          device=self.device, return_trajectory=return_trajectory)
         s, traj = out if return_trajectory else (out, None)
         y = self.net.from_target(s.float(), y_det.float(), stats)                    # (m, B, H, N)
+        if self.quantile_map is not None and not raw and n_samples > 1: y = self.quantile_map(y)   # calibrate='full'
         y = y.to(history.device)
         if not return_trajectory: return y
         return y, traj
+
+# %% ../../nbs/23_models.forecasters.ipynb #b944890b
+CONDITIONING_LEVELS = ("global", "variate", "time")
+
+def conditioning_options(conditioning: str | None) -> dict:
+    "Denoiser keywords for a set of condition levels ('global,variate,time' or a subset); {} for None (the denoiser's defaults)."
+    if conditioning is None: return {}
+    levels = {c.strip() for c in conditioning.split(",")} - {""} if isinstance(conditioning, str) else set(conditioning)
+    unknown = sorted(levels - set(CONDITIONING_LEVELS))
+    if unknown: raise ValueError(f"unknown conditioning level(s) {unknown}; choose from {list(CONDITIONING_LEVELS)}, comma-separated")
+    variate = "variate" in levels
+    return dict(global_cond="global" in levels, per_variate_cond=variate, cross_attention=variate, temporal_cond="time" in levels)
+
+# %% ../../nbs/23_models.forecasters.ipynb #d9da7408
+@dataclass(frozen=True, eq=False)
+class MinSigmaFlowSchedule(FlowSchedule):
+    "Flow path with a noise floor: x_t = (1−t)·x0 + (σ_min + (1−σ_min)·t)·eps (Lipman et al. 2023), SD3 shift as FlowSchedule."
+    sigma_min: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.sigma_min < 1: raise ValueError(f"sigma_min must lie in [0, 1), got {self.sigma_min!r}")
+
+    def alpha_sigma(self, t):
+        alpha, sigma = super().alpha_sigma(t)
+        return alpha, self.sigma_min + (1 - self.sigma_min) * sigma
+
+    def __repr__(self): return f"MinSigmaFlowSchedule(shift={self.shift}, sigma_min={self.sigma_min})"
+
+# %% ../../nbs/23_models.forecasters.ipynb #ed5d0d22
+def parseval_weights(H: int, device=None) -> torch.Tensor:
+    "w_k of Σ_t e_t² = Σ_k w_k |E_k|² for the orthonormal rfft of length H: 1 at k = 0 (and at k = H/2 for even H), else 2."
+    w = torch.full((H // 2 + 1,), 2.0, device=device)
+    w[0] = 1.0
+    if H % 2 == 0: w[-1] = 1.0
+    return w
+
+def spectral_loss(pred: torch.Tensor, target: torch.Tensor, phase_weight: float = 1.0) -> torch.Tensor:
+    "Per-example (B,) FFT loss over the horizon (dim 1) of (B, H, N): amplitude + phase_weight · phase; phase_weight 1 = MSE."
+    P, T = torch.fft.rfft(pred.float(), dim=1, norm="ortho"), torch.fft.rfft(target.float(), dim=1, norm="ortho")   # (B, K, N)
+    amplitude = (P.abs() - T.abs()).square()
+    phase = 2 * (P.abs() * T.abs() - (P * T.conj()).real)                              # 2|P||T|(1 − cos Δφ)
+    w = parseval_weights(pred.shape[1], pred.device)[None, :, None]
+    return (w * (amplitude + phase_weight * phase)).sum(1).mean(-1) / pred.shape[1]     # (B,)
+
+def decomposition_loss(pred: torch.Tensor, target: torch.Tensor, kernel_size: int = 25) -> torch.Tensor:
+    "Per-example (B,) MSE of the trend (moving average) plus MSE of the seasonal part of the error pred − target (B, H, N)."
+    seasonal, trend = series_decomposition((pred - target).float(), kernel_size)
+    return trend.square().mean((1, 2)) + seasonal.square().mean((1, 2))
+
+def correlation_matrix(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    "(B, N, N) correlations over the horizon of x (B, H, N)."
+    centred = x - x.mean(1, keepdim=True)
+    standard = centred / (centred.std(1, keepdim=True) + eps)
+    return standard.transpose(1, 2) @ standard / x.shape[1]
+
+def correlation_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    "Per-example (B,) mean squared difference of the cross-variate correlation matrices of pred and target (B, H, N)."
+    return (correlation_matrix(pred.float()) - correlation_matrix(target.float())).square().mean((1, 2))
+
+# %% ../../nbs/23_models.forecasters.ipynb #4d8e41d8
+@patch
+def training_times(self: DiffusionForecaster, batch: int, state, device) -> torch.Tensor | None:
+    "Times U[0, t_max(step)] under the progressive curriculum while training; None (diffusion_loss draws U[0, 1)) otherwise."
+    if not self.t_curriculum_steps or state is None or not state.training: return None
+    fraction = min(1.0, state.step / self.t_curriculum_steps)
+    t_max = self.t_curriculum_start + (1 - self.t_curriculum_start) * fraction
+    return torch.rand(batch, device=device) * t_max
+
+@patch
+def denoising_loss(self: DiffusionForecaster, denoiser, x0: torch.Tensor, cond, state=None) -> torch.Tensor:
+    "Weighted denoising loss of x0 (B, H, N), plus λ · w_t-weighted FFT / decomposition / correlation losses on x̂0."
+    seen = {}
+    def model(x_t, t, c):
+        out = denoiser(x_t, t, c); seen.update(x_t=x_t, t=t, out=out); return out
+    loss = diffusion_loss(model, x0, cond, schedule=self.schedule, parameterization=self.parameterization,
+                          weighting=self.weighting, gamma=self.snr_gamma, t=self.training_times(x0.shape[0], state, x0.device))
+    if not any(self.ts_weights.values()): return loss
+    param = get_parameterization(self.parameterization)
+    c = self.schedule.coefficients(seen["t"].double(), derivatives=param.needs_derivatives)
+    x0_hat, _ = param.to_x0_eps(seen["out"].float(), seen["x_t"].float(), c)                   # (B, H, N)
+    w = (c.alpha**2 / (c.alpha**2 + c.sigma**2)).to(x0_hat)                                     # (B,): signal fraction
+    terms = {"fft": lambda: spectral_loss(x0_hat, x0, self.fft_phase), "decomp": lambda: decomposition_loss(x0_hat, x0, self.decomp_kernel),
+             "corr": lambda: correlation_loss(x0_hat, x0)}
+    return loss + sum(lam * (w * terms[k]()).mean() for k, lam in self.ts_weights.items() if lam)
+
+# %% ../../nbs/23_models.forecasters.ipynb #72a90269
+@patch
+def differentiable_ensemble(self: DiffusionForecaster, net: DiffusionNet, history: torch.Tensor, n_samples: int, steps: int,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+    "(n_samples, B, H, N) members in standardised units, drawn with `steps` sampler steps and kept in the autograd graph."
+    cond, y_det, stats = net.condition(history)
+    B, N = history.shape[0], history.shape[2]
+    param = get_parameterization(self.parameterization)
+    points = grid_points(self.schedule, steps, derivatives=param.needs_derivatives)
+    x = self.init_scale * torch.randn((n_samples, B, self.pred_len, N), generator=generator, device=history.device)
+    options = {"eta": self.eta} if self.sampler == "ddim" else {}
+    x, _, _ = run_sampler(samplers[self.sampler], Denoiser(net.denoiser, param, cond), x.flatten(0, 1), points, generator=generator, **options)
+    return net.from_target(x.unflatten(0, (n_samples, B)).float(), y_det.float(), stats)
+
+@patch
+def crps_loss(self: DiffusionForecaster, net, batch):
+    "Fair ensemble CRPS of `crps_members` differentiable members against the batch's targets."
+    x, y = batch
+    ensemble = self.differentiable_ensemble(net, x, self.crps_members, self.crps_sampler_steps)
+    return crps_ensemble(ensemble, y, fair=True)
+
+@patch
+def crps_finetune(self: DiffusionForecaster, train) -> dict:
+    "The fine-tuning stage: `crps_finetune_steps` AdamW steps on `crps_loss`; returns the Trainer history."
+    if self.crps_members < 2: raise ValueError(f"crps_members must be >= 2 (the fair CRPS needs two members), got {self.crps_members}")
+    config = _config(epochs=None, max_steps=self.crps_finetune_steps, lr=self.crps_lr, batch_size=self.crps_batch_size,
+                     patience=None, seed=self.seed, device=str(self.device), amp=self.amp, log_every=10)
+    history = Trainer(self.net, self.crps_loss, config).fit(train)
+    self.net.eval()
+    return history
 
 # %% ../../nbs/23_models.forecasters.ipynb #e4191dc6
 def select_noise_scale(sample_fn, target: torch.Tensor, scales, *, seed: int = 0, fair: bool = False):
@@ -259,15 +394,78 @@ def select_noise_scale(sample_fn, target: torch.Tensor, scales, *, seed: int = 0
     return min(scores, key=scores.get), scores
 
 @patch
-def calibrate_noise_scale(self: DiffusionForecaster, n_windows: int = 256, n_samples: int = 32) -> float:
+def calibrate_noise_scale(self: DiffusionForecaster, n_windows: int = 256, n_samples: int = 32, fair: bool | None = None) -> float:
     "The initial-noise scale in `calibrate_scales` with the lowest validation ensemble CRPS; the scores go to `self.calibration`."
     hist, tgt, _ = window_tensors(self.data, "val", self.seq_len, self.pred_len, 1)   # (W, S, N), (W, H, N)
     idx = torch.linspace(0, len(hist) - 1, min(n_windows, len(hist))).long()          # evenly spread windows
     def sample_fn(scale, generator):                                                   # (n_samples, len(idx), H, N)
-        return torch.cat([self.sample(hist[idx[i:i + 128]], None, n_samples, generator, init_scale=scale)
+        return torch.cat([self.sample(hist[idx[i:i + 128]], None, n_samples, generator, init_scale=scale, raw=True)
                           for i in range(0, len(idx), 128)], 1)
-    best, self.calibration = select_noise_scale(sample_fn, tgt[idx].float(), self.calibrate_scales, seed=self.seed)
+    fair = self.calibrate_fair if fair is None else fair
+    best, self.calibration = select_noise_scale(sample_fn, tgt[idx].float(), self.calibrate_scales, seed=self.seed, fair=fair)
     return best
+
+# %% ../../nbs/23_models.forecasters.ipynb #d9064bac
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    "Piecewise-linear f(x) through the knots (xp increasing, fp), extended linearly beyond the end knots."
+    i = torch.searchsorted(xp, x.contiguous()).clamp(1, len(xp) - 1)
+    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
+    return f0 + (f1 - f0) * (x - x0) / (x1 - x0).clamp_min(1e-12)
+
+class StandardizedQuantileMap:
+    "Per variate n: x' = x̄ + s·g_n((x − x̄)/s), g_n = validation-error quantiles ∘ member-deviation CDF (see the derivation)."
+    def __init__(self, member_quantiles: torch.Tensor, error_quantiles: torch.Tensor):
+        self.member_quantiles, self.error_quantiles = member_quantiles, error_quantiles         # (N, K) each
+
+    @classmethod
+    def fit(cls, ensemble: torch.Tensor, target: torch.Tensor, n_levels: int = 200, min_std: float = 1e-6):
+        "Fit on validation members (m, W, H, N) and targets (W, H, N)."
+        m, N = ensemble.shape[0], ensemble.shape[-1]
+        if m < 2: raise ValueError(f"the quantile map needs ensembles of m >= 2 members, got {m}")
+        mean, std = ensemble.mean(0), ensemble.std(0).clamp_min(min_std)
+        u = ((ensemble - mean) / std).reshape(-1, N).double()                                   # member deviations
+        e = ((target - mean) / std * math.sqrt((m - 1) / (m + 1))).reshape(-1, N).double()       # κ_m · errors
+        levels = (torch.arange(n_levels, dtype=torch.float64) + 0.5) / n_levels
+        return cls(torch.quantile(u, levels, dim=0).T.contiguous(), torch.quantile(e, levels, dim=0).T.contiguous())
+
+    def __call__(self, ensemble: torch.Tensor, min_std: float = 1e-6) -> torch.Tensor:
+        "The mapped ensemble (m, ..., N), same shape and dtype."
+        mean, std = ensemble.mean(0), ensemble.std(0).clamp_min(min_std)
+        u = (ensemble - mean) / std
+        mq, eq = self.member_quantiles.to(u.device), self.error_quantiles.to(u.device)
+        g = torch.stack([_interp(u[..., n].double(), mq[n], eq[n]) for n in range(u.shape[-1])], -1).to(u.dtype)
+        return mean + std * (g - g.mean(0))                                # recentred: the ensemble mean is kept exactly
+
+# %% ../../nbs/23_models.forecasters.ipynb #ced14231
+@patch
+def fit_calibration(self: DiffusionForecaster, n_windows: int = 256, n_samples: int = 32) -> DiffusionForecaster:
+    "Noise scale on validation (calibrate True/'noise'), then the standardised quantile map on validation members ('full')."
+    self.quantile_map = None
+    self.init_scale = self.calibrate_noise_scale(n_windows, n_samples)
+    if self.calibrate == "full":
+        hist, tgt, _ = window_tensors(self.data, "val", self.seq_len, self.pred_len, 1)
+        idx = torch.linspace(0, len(hist) - 1, min(n_windows, len(hist))).long()
+        gen = torch.Generator().manual_seed(self.seed + 1)                     # other noise than the scale selection used
+        ens = torch.cat([self.sample(hist[idx[i:i + 128]], None, n_samples, gen, raw=True) for i in range(0, len(idx), 128)], 1)
+        self.quantile_map = StandardizedQuantileMap.fit(ens, tgt[idx].float())
+    return self
+
+def pit_distance(samples: torch.Tensor, target: torch.Tensor, n_bins: int = 10, seed: int = 0) -> float:
+    "Total-variation distance ½ Σ|f_k − 1/K| of the randomised PIT histogram from the uniform (0 = calibrated)."
+    h = pit_histogram(samples, target, n_bins=n_bins, generator=torch.Generator(device=target.device).manual_seed(seed))
+    return 0.5 * (h.frequencies - 1 / n_bins).abs().sum().item()
+
+def pit_figure(named: dict, n_bins: int = 20, title: str = "PIT histograms"):
+    "Plotly bars of the PIT histograms of {name: (samples (m, ...), target (...))}, with the uniform level dashed."
+    import plotly.graph_objects as go
+    fig = go.Figure()
+    for name, (samples, target) in named.items():
+        h = pit_histogram(samples, target, n_bins=n_bins, generator=torch.Generator().manual_seed(0))
+        centres = ((h.edges[1:] + h.edges[:-1]) / 2).numpy()
+        fig.add_bar(x=centres, y=(h.frequencies * n_bins).numpy(), name=f"{name} (TV {pit_distance(samples, target):.3f})", opacity=0.7)
+    fig.add_hline(y=1.0, line_dash="dash", line_color="black")
+    fig.update_layout(title=title, barmode="group", xaxis_title="PIT value", yaxis_title="density (1 = calibrated)", height=360)
+    return fig
 
 # %% ../../nbs/23_models.forecasters.ipynb #30f9b6cd
 def _register(name: str):
