@@ -21,13 +21,19 @@ if not NOTEBOOKS:  # an empty collection must fail loudly, never pass as "0 test
 os.environ.setdefault("TSDIFFBENCH_QUIET", "1")
 
 
+RUN_ONE = ("import sys; from pathlib import Path; from nbdev.test import test_nb; "
+           "ok, seconds = test_nb(Path(sys.argv[1]), skip_flags=['slow'], basepath=sys.argv[2]); "
+           "print(f'{Path(sys.argv[1]).name}: {seconds:.1f}s'); sys.exit(0 if ok else 1)")
+
+
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook(nb):
-    "Run every cell of the notebook except `#| slow` ones; any exception or failed assertion fails the test."
-    from nbdev.test import test_nb
-    ok, seconds = test_nb(nb, skip_flags=["slow"], basepath=str(ROOT))
-    print(f"{nb.name}: {seconds:.1f}s")
-    assert ok, f"{nb.name} failed (traceback above in the captured stderr)"
+    """Run every cell of the notebook except `#| slow` ones, in a fresh Python process (as a kernel would: a notebook
+    that re-registers a model or sets torch's threads cannot leak into the next); any exception fails the test."""
+    res = subprocess.run([sys.executable, "-c", RUN_ONE, str(nb), str(ROOT)], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "IN_TEST": "1"})
+    print(res.stdout[-4000:]); print(res.stderr[-20000:], file=sys.stderr)
+    assert res.returncode == 0, f"{nb.name} failed (traceback above in the captured stderr)"
 
 
 def _copy_project(dst: Path) -> Path:

@@ -134,14 +134,14 @@ def ablation_tables(synthetic: bool) -> list:
     if synthetic:
         main = [column("ProbTS CRPS", "crps"), column("CRPS ÷ oracle", "crps_ratio", ".3f"), column("TSLib CRPS", "crps_ensemble"),
                 column("TSLib CRPS ÷ oracle", "crps_ensemble_ratio", ".3f")]
-        deltas = [column("Δ CRPS ÷ oracle", "d_crps_ratio", "+.4f")]
+        deltas = [column("Δ CRPS ÷ oracle", "d_crps_ratio", ".4f")]
     else:
         main = [column("TSLib MSE", "mse"), column("TSLib MAE", "mae"), column("ProbTS CRPS", "crps"), column("ProbTS NMAE", "nmae")]
-        deltas = [column("Δ ProbTS CRPS", "d_crps", "+.4f"), column("Δ TSLib MSE", "d_mse", "+.4f"), column("Δ TSLib MAE", "d_mae", "+.4f")]
+        deltas = [column("Δ ProbTS CRPS", "d_crps", ".4f"), column("Δ TSLib MSE", "d_mse", ".4f"), column("Δ TSLib MAE", "d_mae", ".4f")]
     main += [column("cov50", "coverage_50", ".3f"), column("cov90", "coverage_90", ".3f"), column("TSLib cov90", "tslib_coverage_90", ".3f"),
              column("PIT TV", "pit_tv", ".3f"), column("train steps", "train_steps", "int"), column("train s", "train_seconds", ".0f"),
              column("sample s", "sample_seconds", ".0f")]
-    deltas += [column("Δ cov50", "d_coverage_50", "+.3f"), column("Δ cov90", "d_coverage_90", "+.3f"), column("Δ PIT TV", "d_pit_tv", "+.3f")]
+    deltas += [column("Δ cov50", "d_coverage_50", ".3f"), column("Δ cov90", "d_coverage_90", ".3f"), column("Δ PIT TV", "d_pit_tv", ".3f")]
     return [table(main, index="row", title="Metrics per row (mean ± std over seeds)", best="CRPS ÷ oracle" if synthetic else "ProbTS CRPS"),
             table(deltas, index="row", title="Paired difference to the row's reference (mean ± std over seeds)")]
 
@@ -160,7 +160,7 @@ def effects_figure(effects: list, title: str):
     return fig
 
 # %% ../nbs/63_bench.ablation.ipynb #21279491
-DEFAULT_BUDGET_STEPS = 1200          # ≈ 5 min of DiT-S training on two idle threads (see the notebook); recorded per row
+DEFAULT_BUDGET_STEPS = 1000          # ≈ 5 min on two idle threads (estimate: 400 steps took 440 s at load 3, nice 5); seconds recorded per row
 QUICK = dict(seq_len=48, pred_len=24, n_samples=16, budget_steps=20,
              base_options=dict(d_model=32, n_heads=2, n_layers=1, denoiser_options={"d_model": 32, "depth": 1, "n_heads": 2}))
 PRIMARY = {"synthetic": "crps_ratio", "real": "crps"}
@@ -188,11 +188,11 @@ def _fit_row(data, options: dict, seed: int, *, seq_len: int, pred_len: int, cac
         seed_everything(seed)
         t0 = time.perf_counter(); model.fit(data.split_values("train"), seasonal_period(data.freq))
         fitted = (model, time.perf_counter() - t0)
-        if key[0] not in keep: return fitted
-        cache[key] = fitted
-    model, seconds = cache[key]
+        if key[0] in keep: cache[key] = fitted
+    else: fitted = cache[key]
+    model, seconds = fitted
     if not options.get("calibrate"): return model, seconds
-    model = copy.deepcopy(model)
+    if key in cache: model = copy.deepcopy(model)                   # the cached weights stay uncalibrated for other rows
     model.calibrate, model.calibrate_fair = options["calibrate"], options.get("calibrate_fair", False)
     t0 = time.perf_counter(); model.fit_calibration()
     return model, seconds + time.perf_counter() - t0
@@ -206,7 +206,7 @@ def run_ablation(out=None, *, dataset: str = "ETTh1", rows=None, seeds=(0, 1, 2)
                  budget_steps: int | None = None, best_budget_steps: int | None = None, best: dict | None = None, steps: int = 5,
                  n_samples: int | None = None, seq_len: int | None = None, pred_len: int | None = None, data_dir=None,
                  download: bool = False, resume: bool = True, threads: int = 2, base_options: dict | None = None,
-                 command: str | None = None, figure: bool = True) -> dict:
+                 command: str | None = None, figure: bool = True, settings: dict | None = None) -> dict:
     "Train and score every ablation row for every seed; write ablation_<dataset>.{json,md,html} (+ .partial.json) into `out`."
     q = QUICK if quick else {}
     pick = lambda given, name, default: given if given is not None else q.get(name, default)   # None: the (quick) default
@@ -226,9 +226,9 @@ def run_ablation(out=None, *, dataset: str = "ETTh1", rows=None, seeds=(0, 1, 2)
     stem = f"ablation_{data.name}"
     partial = Path(out) / f"{stem}.partial.json" if out is not None else None
     done = {(r["row"], r["seed"]): r for r in (load_partial(partial) if resume and partial is not None else [])}
-    settings = dict(dataset=dataset, rows=planned, seeds=seeds, quick=quick, budget_steps=budget, best_budget_steps=best_budget,
+    resolved = dict(dataset=dataset, rows=planned, seeds=seeds, quick=quick, budget_steps=budget, best_budget_steps=best_budget,
                     steps=steps, n_samples=n_samples, seq_len=seq_len, pred_len=pred_len, threads=threads, base_options=common, resume=resume)
-    run, records, counts = Run("ablation", command, settings), [], {"ran": 0, "reused": 0}
+    run, records, counts = Run("ablation", command, settings if settings is not None else resolved), [], {"ran": 0, "reused": 0}
     keep = {training_key({**common, **row_options(r, budget)}) for r in planned if r != "best" and row_options(r, budget).get("calibrate")}
     for r in planned:                                              # bad options are usage errors before any training
         if r != "best": build_forecaster(data, "diffusion", seq_len=seq_len, pred_len=pred_len, **{**common, **row_options(r, budget)})
@@ -246,7 +246,7 @@ def run_ablation(out=None, *, dataset: str = "ETTh1", rows=None, seeds=(0, 1, 2)
         for row in progress(planned, desc="ablation rows"):
             if row == "best":
                 opts, chosen = (best, ["(given)"]) if best is not None else best_options(records, budget, primary)
-                run.settings["best_options"], run.settings["best_rows"] = opts, chosen
+                resolved["best_options"], resolved["best_rows"] = opts, chosen
             for seed in seeds:
                 options = {**common, **row_options(row, budget, best=opts if row == "best" else None)}
                 if row == "best": options["max_steps"] = best_budget
@@ -268,7 +268,7 @@ def run_ablation(out=None, *, dataset: str = "ETTh1", rows=None, seeds=(0, 1, 2)
                 records.append(rec); done[(row, seed)] = rec; counts["ran"] += 1
                 if partial is not None: save_partial(partial, list(done.values()))
     finally: torch.set_num_threads(saved_threads)
-    return _assemble(run, records, [done[("oracle", s)] for s in seeds] if synthetic else [], data, primary, counts, out, stem, figure)
+    return _assemble(run, resolved, records, [done[("oracle", s)] for s in seeds] if synthetic else [], data, primary, counts, out, stem, figure)
 
 # %% ../nbs/63_bench.ablation.ipynb #5e3027b2
 def _mean(records: list, row: str, field: str):
@@ -299,7 +299,7 @@ def effect_line(e: dict) -> str:
     flag = "exceeds 2 SE" if e["real"] else "within 2 SE: not a finding"
     return f"`{e['row']}` vs `{e['reference']}`: {e['metric']} {e['mean']:+.4f}{spread} — {flag}."
 
-def _assemble(run, records, oracle_records, data, primary, counts, out, stem, figure) -> dict:
+def _assemble(run, s: dict, records, oracle_records, data, primary, counts, out, stem, figure) -> dict:
     "Differences, effects, description and tables into one results object; written (with the figure) when `out` is given."
     synthetic = bool(oracle_records) or primary == "crps_ratio"
     rows = [r for r in dict.fromkeys(x["row"] for x in records) if r != "base"]
@@ -311,7 +311,6 @@ def _assemble(run, records, oracle_records, data, primary, counts, out, stem, fi
     for spec in ablation_tables(synthetic):
         spec["columns"] = [c for c in spec["columns"] if c["field"] in fields]
         if spec["columns"]: tables.append(spec)
-    s = run.settings
     description = [f"Ablation on {data.name} ({s['seq_len']} → {s['pred_len']}): one base forecaster (`diffusion`) and one row per change "
                    f"switching one thing against its reference; {len(s['seeds'])} seed(s) {s['seeds']}; every row trains {s['budget_steps']} "
                    f"optimizer steps (two-stage: per stage; `best`: {s['best_budget_steps']}), samples {s['n_samples']} members with "

@@ -75,12 +75,13 @@ BENCH_MODELS = ("persistence", "seasonal_naive", "climatology", "oracle", "dline
                 "diffusion_unet", "diffusion_2stage", "flow", "flow_plain", "consistency", "consistency_ct", "consistency_flow",
                 "latent", "latent_e2e", "latent_flow", "timellm", "timellm_flow")   # for --help without importing torch; tested against the registry
 
-def _add_run_args(p: argparse.ArgumentParser, out_default, *, seeds: bool = True, keep_going: bool = True):
+def _add_run_args(p: argparse.ArgumentParser, out_default, *, seeds: bool = True, keep_going: bool = True, default_seeds=(0,)):
     "Options every benchmark shares: output folder, seeds, notes, failure policy, config file, progress bars."
     p.add_argument("--out", default=out_default, help=f"output directory (default {out_default or 'runs/bench-<dataset>'}; "
                    "published results go to bench/results)")
-    if seeds: p.add_argument("--seeds", "--seed", dest="seeds", type=_SEEDS, default=[0],
-                             help="comma-separated seeds, e.g. 0,1,2: tables show mean ± std over them (default 0)")
+    if seeds: p.add_argument("--seeds", "--seed", dest="seeds", type=_SEEDS, default=list(default_seeds),
+                             help="comma-separated seeds, e.g. 0,1,2: tables show mean ± std over them "
+                                  f"(default {','.join(map(str, default_seeds))})")
     else: p.add_argument("--seed", type=_SEED, default=0, help="random seed of the inputs (default 0)")
     p.add_argument("--note", action="append", default=None,
                    help="a line of free text for the results' Notes section (repeatable), e.g. what shared the machine")
@@ -198,10 +199,25 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--variants", default="timellm,no_lm,random_lm,flow", help="rows per LM (default timellm,no_lm,random_lm,flow)")
     tl.add_argument("--max-steps", type=_POSITIVE, default=100, help="optimizer steps per row (default 100)")
     tl.add_argument("--batch-size", type=_POSITIVE, default=8, help="windows per step (default 8)")
-    tl.add_argument("--test-stride", type=_POSITIVE, default=1, help="stride of the scored test windows (default 1: the TSLib protocol)")
-    tl.add_argument("--n-prototypes", type=_POSITIVE, default=1000, help="text prototypes of the reprogramming layer (default 1000)")
+    tl.add_argument("--test-stride", type=_POSITIVE, default=24, help="score every n-th test window (default 24, an estimate that the "
+                    "table names; 1 is the full TSLib protocol: hours on a CPU)")
+    tl.add_argument("--n-prototypes", type=_POSITIVE, default=100, help="text prototypes of the reprogramming layer (default 100; the "
+                    "original uses 1000)")
     tl.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
     _add_run_args(tl, "runs/timellm", keep_going=False)
+
+    ab = sub.add_parser("ablation", help="which design ideas help: one change per row against the base diffusion forecaster, over seeds",
+        description="Train the base forecaster (diffusion: DiT-S, v-prediction, end to end) and one row per change (parameterization, "
+                    "denoiser, training, curricula, flow variants, time-series losses, CRPS fine-tuning, min-SNR, conditioning "
+                    "levels, calibration) plus the best combination, each for a fixed step budget and every seed; write "
+                    "ablation_<dataset>.{json,md,html}. Resumable: finished (row, seed) records are kept in a .partial.json in --out.")
+    _add_data_args(ab, "ETTh1", lengths=False)
+    ab.add_argument("--rows", default=None, help="comma-separated rows (default: all)")
+    ab.add_argument("--budget-steps", type=_POSITIVE, default=None, help="optimizer steps of every row (default 1000)")
+    ab.add_argument("--steps", type=_POSITIVE, default=5, help="sampler steps (default 5)")
+    ab.add_argument("--no-resume", dest="resume", action="store_false", help="rerun rows already in the partial file")
+    ab.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
+    _add_run_args(ab, "runs/ablation", keep_going=False, default_seeds=(0, 1, 2))
 
     wd = sub.add_parser("weatherdiff", help="diffusion ensembles for gridded weather (pixel and latent space) against the zoo's U-Net",
         description="Train the autoencoders (KL-VAE, RAE), latent U-Nets and conditional diffusion ensembles (pixel, residual, "
@@ -222,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write FILE.md from FILE.json with the one renderer (tsdiffbench.results.render_markdown), e.g. after the "
                     "renderer changed; the JSON is read, never written.")
     m.add_argument("files", nargs="+", help="results JSON files")
+    fg = sub.add_parser("figures", help="regenerate the README's figures (PNG)",
+        description="Write docs/figures/{fan_chart,sampler_trajectories,weather_map}.png: plotly figures exported with kaleido "
+                    "through Chromium, the weather map with matplotlib.")
+    fg.add_argument("--out", default="docs/figures", help="output folder (default docs/figures)")
     lab = sub.add_parser("lab", help="open the tutorial notebooks in JupyterLab",
         description="Start JupyterLab on the notebooks of the checkout (nbs/: derivations, explorers, benchmarks). "
                     "As root it adds --allow-root and says so.")
@@ -396,6 +416,11 @@ def _cmd_timellm(args, ctx) -> dict:
                              max_steps=args.max_steps, batch_size=args.batch_size, test_stride=args.test_stride,
                              n_prototypes=args.n_prototypes, progress=not args.quiet, **ctx)
 
+def _cmd_ablation(args, ctx) -> dict:
+    from tsdiffbench.bench_ablation import run_ablation
+    return run_ablation(args.out, dataset=args.dataset, data_dir=args.data_dir, rows=args.rows, seeds=args.seeds, quick=args.quick,
+                        budget_steps=args.budget_steps, steps=args.steps, resume=args.resume, threads=args.threads or 0, **ctx)
+
 def _cmd_weatherdiff(args, ctx) -> dict:
     from tsdiffbench.weather.ensemble_bench import run_weatherdiff_bench
     return run_weatherdiff_bench(args.out, dataset=args.dataset, data_dir=args.data_dir, seeds=args.seeds, quick=args.quick,
@@ -409,7 +434,7 @@ def _cmd_icl(args, ctx) -> dict:
                          sampler=args.sampler, steps=args.steps, n_samples=args.n_samples, encoder_decoder=args.encoder_decoder,
                          progress=not args.quiet, **ctx)
 
-_COMMANDS = {"steps": _cmd_steps, "timellm": _cmd_timellm, "weatherdiff": _cmd_weatherdiff, "icl": _cmd_icl, "bench": _cmd_bench, "data": _cmd_data, "bench-crps": _cmd_bench_crps, "bench-sampling": _cmd_bench_sampling,
+_COMMANDS = {"ablation": _cmd_ablation, "steps": _cmd_steps, "timellm": _cmd_timellm, "weatherdiff": _cmd_weatherdiff, "icl": _cmd_icl, "bench": _cmd_bench, "data": _cmd_data, "bench-crps": _cmd_bench_crps, "bench-sampling": _cmd_bench_sampling,
              "weather": _cmd_weather}
 
 # %% ../nbs/01_cli.ipynb #c2000be0
@@ -514,6 +539,13 @@ def _cmd_lab(args, ctx) -> int:
 
 _COMMANDS["lab"] = _cmd_lab
 
+def _cmd_figures(args, ctx) -> int:
+    from tsdiffbench.explore import readme_figures
+    for path in readme_figures(args.out): print(f"wrote {path}")
+    return 0
+
+_COMMANDS["figures"] = _cmd_figures
+
 # %% ../nbs/01_cli.ipynb #ff4505cd
 _COMMANDS["reproduce"], _COMMANDS["render"] = _cmd_reproduce, _cmd_render
 
@@ -548,7 +580,7 @@ def main(argv: list | None = None) -> int:
     if args.command is None: parser.print_help(); return 2
     try:
         args = _merge_config(args, parser, argv)
-        ctx = {} if args.command in ("data", "reproduce", "render", "lab") else dict(command=recorded_command(argv, args, parser), settings=settings_of(args))
+        ctx = {} if args.command in ("data", "reproduce", "render", "lab", "figures") else dict(command=recorded_command(argv, args, parser), settings=settings_of(args))
         if ctx and not getattr(args, "quiet", False):                            # say something before torch loads
             print(f"tsdiffbench {args.command}: starting (results go to {args.out or 'runs/'})", file=sys.stderr, flush=True)
         with _run_environment(getattr(args, "quiet", False), getattr(args, "threads", None)):

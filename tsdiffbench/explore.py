@@ -21,7 +21,7 @@ from .train import load_checkpoint, save_checkpoint, state_dict_differences
 __all__ = ['FORECASTER_CHECKPOINT', 'SMALL_FLOW', 'TOYS', 'figure_widget', 'show_figure', 'panel', 'latency', 'save_forecaster',
            'load_forecaster', 'load_or_train', 'mixture_density', 'sample_errors', 'samples_figure',
            'denoising_animation', 'sampler_explorer', 'forecast_explorer', 'map_explorer', 'record_fields',
-           'metric_figure', 'results_explorer']
+           'metric_figure', 'results_explorer', 'readme_figures']
 
 # %% ../nbs/71_explore.ipynb #6089a240
 def figure_widget(fig=None):
@@ -386,3 +386,28 @@ def results_explorer(paths: Sequence):
     for w in ("metric", "along", "colour"): c[w].observe(update, names="value")
     choose_file()
     return panel(c, figs, about, rows=(4,))
+
+# %% ../nbs/71_explore.ipynb #5fdea604
+def readme_figures(out="docs/figures", *, seed: int = 0) -> list[Path]:
+    "Write the README's PNGs into `out`: fan chart (synthetic), sampler trajectories (2-D toy), weather map (toy set)."
+    from tsdiffbench.bench import Climatology, Oracle, fan_chart
+    from tsdiffbench.data.synthetic import synthetic_data
+    from tsdiffbench.weather.data import PersistenceForecaster, load_weather
+    from tsdiffbench.weather.maps import forecast_maps, save_png
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    data = synthetic_data()
+    forecasters = {"oracle": Oracle(data.process, data.scaler), "climatology": Climatology().fit(data.split_values("train"), 24)}
+    fan = fan_chart(data, forecasters, window=3, seq_len=96, pred_len=96, seed=seed)
+    toy, schedule = ring_2d(), EXPLORER_SCHEDULES["linear β (T=1000)"]()
+    _, traj = sample(toy.model(schedule, "v"), (1, toy.D), sampler="ddim", steps=20, n_samples=500, schedule=schedule,
+                     parameterization="v", return_trajectory=True, generator=torch.Generator().manual_seed(seed))
+    paths = []
+    for fig, name in ((fan, "fan_chart"), (trajectory_figure(traj, n_paths=25, title="DDIM, 20 steps: noise → a ring of six modes"), "sampler_trajectories")):
+        fig.write_image(out / f"{name}.png", width=900, height=420, scale=1)
+        paths.append(out / f"{name}.png")
+    weather = load_weather("toy")
+    x, y = weather.tensors("test")
+    truth, persistence = weather.inverse_transform(y), weather.inverse_transform(PersistenceForecaster().predict(x))
+    paths.append(save_png(forecast_maps(truth[0, 3, 0], persistence[0, 3, 0], weather.lat, weather.lon, units="K",
+                                        title="toy t2m, persistence at +24 h"), out / "weather_map.png"))
+    return paths
