@@ -20,7 +20,7 @@ from ..diffusion.parameterization import Parameterization, get_parameterization
 from ..diffusion.samplers import sample
 from ..diffusion.schedules import Schedule, get_schedule, q_sample
 from .base import FORECASTERS, Forecaster
-from .forecasters import (DiffusionForecaster, DiffusionNet, _check_fit_input, _config, _register,
+from .forecasters import (DiffusionForecaster, DiffusionNet, _check_fit_input, _config, _register, preset_factory,
                                             window_dataset)
 from ..train import Trainer, ramp
 
@@ -289,11 +289,7 @@ def sample(self: ConsistencyForecaster, history: torch.Tensor, target_index=None
     return (y, traj) if return_trajectory else y
 
 # %% ../../nbs/24_models.consistency.ipynb #3b6d818e
-def _consistency(doc: str, **preset):
-    def factory(data, *, seq_len=96, pred_len=96, seed=0, **options):
-        return ConsistencyForecaster(data, seq_len=seq_len, pred_len=pred_len, seed=seed, **{**preset, **options})
-    factory.__doc__ = doc
-    return factory
+def _consistency(doc: str, **preset): return preset_factory(ConsistencyForecaster, doc, **preset)
 
 _register("consistency")(_consistency("Consistency distillation from the v-prediction DiT-S diffusion teacher (trained first), 1 step.",
                                       name="consistency"))

@@ -31,7 +31,7 @@ from ..viz import add_fan
 __all__ = ['CONDITIONING_LEVELS', 'window_dataset', 'check_windows', 'PointForecaster', 'DiffusionNet', 'DiffusionForecaster',
            'conditioning_options', 'MinSigmaFlowSchedule', 'parseval_weights', 'spectral_loss', 'decomposition_loss',
            'correlation_matrix', 'correlation_loss', 'select_noise_scale', 'StandardizedQuantileMap', 'pit_distance',
-           'pit_figure', 'variate_fan_chart', 'forecast_panel']
+           'pit_figure', 'preset_factory', 'variate_fan_chart', 'forecast_panel']
 
 # %% ../../nbs/23_models.forecasters.ipynb #1abdee0f
 def window_dataset(data: TimeSeriesData, split: str, seq_len: int, pred_len: int, stride: int = 1) -> TensorDataset:
@@ -473,19 +473,20 @@ def _register(name: str):
     def deco(fn): dict.__setitem__(FORECASTERS, name, fn); return fn
     return deco
 
-def _point(backbone: str):
+def preset_factory(cls, doc: str, **preset):
+    "A registry factory: `cls(data, seq_len=, pred_len=, seed=, **preset)`, the caller's options winning over the preset."
     def factory(data, *, seq_len=96, pred_len=96, seed=0, **options):
-        return PointForecaster(data, backbone=backbone, seq_len=seq_len, pred_len=pred_len, seed=seed, **options)
-    factory.__doc__ = f"{backbone} point forecaster trained on MSE (options: PointForecaster's keywords and {backbone}'s)."
+        return cls(data, seq_len=seq_len, pred_len=pred_len, seed=seed, **{**preset, **options})
+    factory.__doc__ = doc
     return factory
+
+def _point(backbone: str):
+    return preset_factory(PointForecaster, f"{backbone} point forecaster trained on MSE (options: PointForecaster's keywords and {backbone}'s).",
+                          backbone=backbone)
 
 for _b in ("dlinear", "itransformer", "patchtst"): _register(_b)(_point(_b))
 
-def _diffusion(doc: str, **preset):
-    def factory(data, *, seq_len=96, pred_len=96, seed=0, **options):
-        return DiffusionForecaster(data, seq_len=seq_len, pred_len=pred_len, seed=seed, **{**preset, **options})
-    factory.__doc__ = doc
-    return factory
+def _diffusion(doc: str, **preset): return preset_factory(DiffusionForecaster, doc, **preset)
 
 _register("diffusion")(_diffusion("v-prediction DiT-S, cosine schedule, DDIM 10 steps, end-to-end training.", name="diffusion"))
 _register("diffusion_unet")(_diffusion("v-prediction UNet1D denoiser, DDIM 10 steps, end-to-end.", name="diffusion_unet",

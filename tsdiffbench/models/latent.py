@@ -21,7 +21,7 @@ from ..diffusion.schedules import get_schedule, q_sample
 from .backbones import ITransformer
 from .base import Forecaster, window_tensors
 from .denoisers import DENOISERS
-from .forecasters import (DiffusionForecaster, DiffusionNet, _check_fit_input, _config, _register,
+from .forecasters import (DiffusionForecaster, DiffusionNet, _check_fit_input, _config, _register, preset_factory,
                                             check_windows, window_dataset)
 from ..train import Trainer, ramp
 
@@ -218,11 +218,7 @@ def sample(self: LatentForecaster, history: torch.Tensor, target_index=None, n_s
     return self.net.from_target(x0, y_det.float(), stats).to(history.device)
 
 # %% ../../nbs/25_models.latent.ipynb #c91ef60f
-def _latent(doc: str, **preset):
-    def factory(data, *, seq_len=96, pred_len=96, seed=0, **options):
-        return LatentForecaster(data, seq_len=seq_len, pred_len=pred_len, seed=seed, **{**preset, **options})
-    factory.__doc__ = doc
-    return factory
+def _latent(doc: str, **preset): return preset_factory(LatentForecaster, doc, **preset)
 
 _register("latent")(_latent("Temporal conv VAE (factor 4) + v-prediction DiT-S in latent space, DDIM 10 steps.", name="latent"))
 _register("latent_flow")(_latent("Temporal conv VAE (factor 4) + flow matching in latent space, Euler 10 steps.", name="latent_flow",

@@ -16,7 +16,7 @@ from torch import nn
 from ..core import UsageError, get_device
 from ..data.ett import TimeSeriesData
 from ..models.base import FORECASTERS
-from ..models.forecasters import DiffusionForecaster, DiffusionNet, PointForecaster, _config, check_windows
+from ..models.forecasters import DiffusionForecaster, DiffusionNet, PointForecaster, _config, check_windows, preset_factory
 from ..models.layers import RevIN, check_shape
 from .patching import PatchEmbedding, num_patches
 from .reprogramming import (PrototypeMapping, ReprogrammingLayer, build_prompts, dataset_description,
@@ -273,10 +273,7 @@ class TimeLLMFlowForecaster(DiffusionForecaster):
 
 # %% ../../nbs/92_timellm.model.ipynb #7ebd3adc
 def _register(key: str, cls, doc: str, **preset):
-    def factory(data, *, seq_len=96, pred_len=96, seed=0, **options):
-        return cls(data, seq_len=seq_len, pred_len=pred_len, seed=seed, **{**preset, **options})
-    factory.__doc__ = doc
-    dict.__setitem__(FORECASTERS, key, factory)                                  # idempotent on re-import
+    dict.__setitem__(FORECASTERS, key, preset_factory(cls, doc, **preset))          # idempotent on re-import
 
 _register("timellm", TimeLLMForecaster, "Time-LLM (SmolLM2 truncated to 4 layers, prompt-as-prefix, flatten head), MSE.", name="timellm")
 _register("timellm_flow", TimeLLMFlowForecaster, "Time-LLM hidden states as the condition of a flow-matching DiT-S.", name="timellm_flow")
