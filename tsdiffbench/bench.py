@@ -94,7 +94,7 @@ def default_forecasters(data: TimeSeriesData) -> dict:
 
 # %% ../nbs/60_bench.ipynb #6f261ed9
 MAIN_MODELS = ("persistence", "seasonal_naive", "climatology", "oracle", "dlinear", "flow")  # `models="main"`: the README job
-MAIN_OPTIONS = {"flow": {"max_steps": 400, "steps": 5}}   # keeps the README job to minutes on 2 CPU cores
+MAIN_OPTIONS = {"flow": {"max_steps": 800, "steps": 5, "calibrate": "full", "calibrate_fair": True}}   # README job: ~2.5 min on 2 CPU cores
 RUNNER_OPTIONS = ("seeds",)                                # per-model options the runner consumes itself
 
 def resolve_models(data: TimeSeriesData, names, model_options: dict | None = None) -> tuple[list, dict]:
