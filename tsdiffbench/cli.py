@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a GPT-2-style diffusion denoiser (and an MSE GPT-2) on random linear-regression tasks for each "
                     "dimension d and score its samples at the query against the exact Bayesian posterior predictive "
                     "(CRPS ratio, variance ratio, coverage), with least squares and ridge beside it; write "
-                    "icl_regression.{json,md,html}.")
+                    "icl_regression.{json,md,png}.")
     i.add_argument("--dims", type=_STEPS, default=[5, 10, 20], help="task dimensions d (default 5,10,20)")
     i.add_argument("--train-steps", type=_POSITIVE, default=3000, help="optimizer steps of the diffusion model per d (default 3000)")
     i.add_argument("--point-steps", type=_POSITIVE, default=1000, help="optimizer steps of the MSE GPT-2 per d (default 1000)")

@@ -256,7 +256,7 @@ def run_icl_bench(out: str | os.PathLike | None = None, *, dims=(5, 10, 20), see
                   point_lr: float | None = None, device: str = "auto",
                   threads: int = 0, figure: bool = True, progress: bool = True, command: str | None = None,
                   settings: dict | None = None) -> dict:
-    "Train and score the in-context regression models for each d; write icl_regression.{json,md,html} to `out` (default None: write nothing)."
+    "Train and score the in-context regression models for each d; write icl_regression.{json,md,png} to `out` (default None: write nothing)."
     options = dict(size=size, train_steps=train_steps, point_steps=point_steps, batch_size=batch_size, n_query=n_query,
                    eval_tasks=eval_tasks, n_samples=n_samples, steps=steps, k_points=k_points, T=T)
     if quick: options.update(QUICK)
@@ -308,8 +308,8 @@ def run_icl_bench(out: str | os.PathLike | None = None, *, dims=(5, 10, 20), see
     if out is not None:
         write_results(res, out, "icl_regression")
         if figure and records:
-            with atomic_write(Path(out) / "icl_regression.html") as f:
-                f.write(icl_figure(records, dims).to_html(include_plotlyjs=True, full_html=True))
+            with atomic_write(Path(out) / "icl_regression.png", "wb") as f:                 # a small PNG (kaleido), not 4 MB of HTML
+                f.write(icl_figure(records, dims).to_image(format="png", width=1000, height=420))
     return res
 
 # %% ../../nbs/82_icl.bench.ipynb #9a779342
