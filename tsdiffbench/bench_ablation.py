@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from .bench import Oracle, build_forecaster, evaluate_forecaster, expected_coverage, seasonal_period
-from .core import UsageError, atomic_write, progress, save_json, seed_everything, seed_list
+from .core import UsageError, progress, save_json, seed_everything, seed_list
 from .data.ett import load_any
 from .models.base import window_tensors
 from .models.forecasters import pit_distance
-from .results import Run, column, table, write_results
+from .results import Run, column, table, write_figure, write_results
 
 # %% auto #0
 __all__ = ['ABLATION_ROWS', 'CALIBRATION_KEYS', 'SCORE_FIELDS', 'EFFECT_METRICS', 'DEFAULT_BUDGET_STEPS', 'QUICK', 'PRIMARY',
@@ -207,7 +207,7 @@ def run_ablation(out=None, *, dataset: str = "ETTh1", rows=None, seeds=(0, 1, 2)
                  n_samples: int | None = None, seq_len: int | None = None, pred_len: int | None = None, data_dir=None,
                  download: bool = False, resume: bool = True, threads: int = 2, base_options: dict | None = None,
                  command: str | None = None, figure: bool = True, settings: dict | None = None) -> dict:
-    "Train and score every ablation row for every seed; write ablation_<dataset>.{json,md,html} (+ .partial.json) into `out`."
+    "Train and score every ablation row for every seed; write ablation_<dataset>.{json,md,png} (+ .partial.json) into `out`."
     q = QUICK if quick else {}
     pick = lambda given, name, default: given if given is not None else q.get(name, default)   # None: the (quick) default
     budget = pick(budget_steps, "budget_steps", DEFAULT_BUDGET_STEPS)
@@ -325,7 +325,5 @@ def _assemble(run, s: dict, records, oracle_records, data, primary, counts, out,
                       description=description, summary=dict(effects=effects, primary=primary, **counts))
     if out is not None:
         write_results(res, out, stem)
-        if figure and effects:
-            with atomic_write(Path(out) / f"{stem}.html") as f:
-                f.write(effects_figure(effects, res["title"]).to_html(include_plotlyjs=True, full_html=True))
+        if figure and effects: write_figure(effects_figure(effects, res["title"]), out, stem)
     return res

@@ -5,19 +5,17 @@
 # %% ../nbs/62_bench.steps.ipynb #f929313a
 from __future__ import annotations
 
-import math
 import os
 import time
-from pathlib import Path
 
 import torch
 
 from .bench import build_forecaster, evaluate_forecaster, seasonal_period
-from .core import UsageError, atomic_write, progress, seed_everything, seed_list
+from .core import UsageError, progress, seed_everything, seed_list
 from .data.ett import TimeSeriesData, load_any
 from .models.base import Forecaster
 from .models.consistency import ConsistencyForecaster
-from .results import Run, column, table, write_results
+from .results import Run, column, table, write_figure, write_results
 
 # %% auto #0
 __all__ = ['BUDGETS', 'STEPS_MODELS', 'QUICK_OPTIONS', 'QUICK_MODEL_OPTIONS', 'network_calls', 'heun_steps_for', 'AtBudget',
@@ -124,7 +122,7 @@ def run_steps_bench(out=None, *, dataset: str = "ETTh1", data: TimeSeriesData | 
                     seeds=(0,), quick: bool = False, n_samples: int = 100, budgets=BUDGETS, seq_len: int = 96, pred_len: int = 96,
                     model_options: dict | None = None, figure: bool = True, command: str | None = None,
                     settings: dict | None = None) -> dict:
-    "Train each generative forecaster once per seed, sample the test set at every budget; write steps_<dataset>.{json,md,html} to `out`."
+    "Train each generative forecaster once per seed, sample the test set at every budget; write steps_<dataset>.{json,md,png} to `out`."
     models = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models)
     budgets = tuple(budgets[:1] + budgets[-1:]) if quick and len(budgets) > 2 else tuple(budgets)
     if not budgets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in budgets):
@@ -169,9 +167,7 @@ def run_steps_bench(out=None, *, dataset: str = "ETTh1", data: TimeSeriesData | 
     if out is not None:
         stem = f"steps_{data.name}"
         write_results(res, out, stem)
-        if figure and records:
-            with atomic_write(Path(out) / f"{stem}.html") as f:
-                f.write(frontier_figure(records, res["title"]).to_html(include_plotlyjs=True, full_html=True))
+        if figure and records: write_figure(frontier_figure(records, res["title"]), out, stem)
     return res
 
 # %% ../nbs/62_bench.steps.ipynb #e25bea7b

@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("steps", help="the steps-quality frontier: CRPS against sampling time for every generative forecaster",
         description="Train each generative forecaster once per seed (diffusion, flow, consistency distilled from the run's diffusion "
                     "model, latent), then sample the whole test set with DDIM / Euler / Heun / consistency at every budget of "
-                    "network calls; write steps_<dataset>.{json,md,html} (CRPS under both protocols, coverage, sampling seconds).")
+                    "network calls; write steps_<dataset>.{json,md,png} (CRPS under both protocols, coverage, sampling seconds).")
     _add_data_args(st, "ETTh1", lengths=False)
     st.add_argument("--models", default="diffusion,flow,consistency,latent", help="comma-separated generative forecasters (default diffusion,flow,consistency,latent)")
     st.add_argument("--budgets", type=_STEPS, default=[1, 2, 5, 10, 20, 50], help="network calls per sample (default 1,2,5,10,20,50)")
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the base forecaster (diffusion: DiT-S, v-prediction, end to end) and one row per change (parameterization, "
                     "denoiser, training, curricula, flow variants, time-series losses, CRPS fine-tuning, min-SNR, conditioning "
                     "levels, calibration) plus the best combination, each for a fixed step budget and every seed; write "
-                    "ablation_<dataset>.{json,md,html}. Resumable: finished (row, seed) records are kept in a .partial.json in --out.")
+                    "ablation_<dataset>.{json,md,png}. Resumable: finished (row, seed) records are kept in a .partial.json in --out.")
     _add_data_args(ab, "ETTh1", lengths=False)
     ab.add_argument("--rows", default=None, help="comma-separated rows (default: all)")
     ab.add_argument("--budget-steps", type=_POSITIVE, default=None, help="optimizer steps of every row (default 1000)")

@@ -26,7 +26,7 @@ from .core import DataError, atomic_write, in_test, save_json
 # %% auto #0
 __all__ = ['RESULTS_FORMAT', 'REQUIRED_FIELDS', 'git_commit', 'versions', 'cpu_model', 'machine_info', 'utc_now', 'Run', 'column',
            'table', 'cell_stats', 'render_table', 'spread_verdict', 'render_markdown', 'check_results',
-           'is_published_dir', 'write_results', 'load_results']
+           'is_published_dir', 'write_results', 'load_results', 'write_figure']
 
 # %% ../nbs/02_results.ipynb #d380b8e1
 RESULTS_FORMAT = "tsdiffbench-results/1"
@@ -259,3 +259,15 @@ def load_results(path: str | os.PathLike) -> dict:
     try: res = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e: raise DataError(f"results file {path} is not valid JSON: {e}") from None
     return check_results(res, str(path))
+
+# %% ../nbs/02_results.ipynb #f9e979d4
+def write_figure(fig, out: str | os.PathLike, stem: str, *, width: int = 1000, height: int = 460) -> Path:
+    "Write plotly `fig` as `out/STEM.png` (kaleido); without a browser for kaleido, as `out/STEM.html`. Return the path."
+    out = Path(out)
+    try: png = fig.to_image(format="png", width=width, height=height)
+    except Exception as e:                                                        # kaleido without Chrome/Chromium
+        print(f"note: no PNG export ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); writing {stem}.html instead")
+        with atomic_write(out / f"{stem}.html") as f: f.write(fig.to_html(include_plotlyjs=True, full_html=True))
+        return out / f"{stem}.html"
+    with atomic_write(out / f"{stem}.png", "wb") as f: f.write(png)
+    return out / f"{stem}.png"

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from ..core import UsageError, atomic_write, get_device, progress as progress_bar, seed_everything, seed_list
+from ..core import UsageError, get_device, progress as progress_bar, seed_everything, seed_list
 from ..diffusion.schedules import Schedule
 from .model import (ICLDenoiser, ICLRegressor, check_sampling, icl_schedule, icl_sizes, sample_icl, time_scale_for,
                                    train_icl)
 from .tasks import (X_DISTRIBUTIONS, Curriculum, Split, TaskStream, least_squares, posterior_predictive, ridge,
                                    sample_tasks, split_tasks, task_cond)
 from ..metrics.probabilistic import coverage, crps_ensemble, crps_gaussian
-from ..results import Run, column, table, write_results
+from ..results import Run, column, table, write_figure, write_results
 
 # %% auto #0
 __all__ = ['Z50', 'Z90', 'AIM_CRPS_RATIO', 'AIM_VAR_RATIO', 'QUICK', 'ICLModels', 'train_icl_models', 'score_samples',
@@ -308,8 +308,7 @@ def run_icl_bench(out: str | os.PathLike | None = None, *, dims=(5, 10, 20), see
     if out is not None:
         write_results(res, out, "icl_regression")
         if figure and records:
-            with atomic_write(Path(out) / "icl_regression.png", "wb") as f:                 # a small PNG (kaleido), not 4 MB of HTML
-                f.write(icl_figure(records, dims).to_image(format="png", width=1000, height=420))
+            write_figure(icl_figure(records, dims), out, "icl_regression", height=420)
     return res
 
 # %% ../../nbs/82_icl.bench.ipynb #9a779342
