@@ -254,7 +254,7 @@ def run_bench(dataset: str = "synthetic", *, data_dir=None, download: bool = Fal
             bar.update()
     bar.close()
     res = run.results(f"tsdiffbench bench: {data.name}, {seq_len} → {pred_len}", records, [bench_table("oracle" in names)],
-                      description=_bench_description(data, records, seq_len, pred_len, n_samples, stride, plan))
+                      description=_bench_description(data, records, seq_len, pred_len, n_samples, stride, plan, main=models == "main"))
     out = Path(out or f"runs/bench-{data.name}")
     write_results(res, out, name, csv=True)
     fitted = {n: first[n] for n in names if not any(f["model"] == n for f in run.failures)}
@@ -265,7 +265,7 @@ def run_bench(dataset: str = "synthetic", *, data_dir=None, download: bool = Fal
     if verbose: print(f"wrote {out}/{name}.json, .md, .csv" + (" and a fan chart" if write_fan_chart and fitted else ""))
     return res
 
-def _bench_description(data, records, seq_len, pred_len, n_samples, stride, plan) -> list[str]:
+def _bench_description(data, records, seq_len, pred_len, n_samples, stride, plan, main: bool = False) -> list[str]:
     "The description lines of a bench results file: data, windows, protocols, what calibrated coverage looks like."
     n = {p: next((r["n_windows"] for r in records if r["protocol"] == p), "–") for p in ("tslib", "probts")}
     one_seed = [m for m, s in plan.items() if len(s) == 1 and len(set(map(len, plan.values()))) > 1]
@@ -282,6 +282,9 @@ def _bench_description(data, records, seq_len, pred_len, n_samples, stride, plan
              "(`expected_coverage`); point forecasts (an ensemble of one) have zero-width intervals. train s: fit time once per "
              "model and seed; sample s: sampling and scoring of the whole TSLib test set."]
     if one_seed: lines.append(f"Run with one seed only (no spread shown): {', '.join(one_seed)}.")
+    if main: lines.append(f"The quick default (`--models main`: {', '.join(plan)}; flow options {MAIN_OPTIONS['flow']}). Every "
+                          "forecaster: `--models all`; the published three-seed tables: `tsdiffbench reproduce "
+                          "bench/results/synthetic.json` (or `ETTh1.json`).")
     return lines
 
 # %% ../nbs/60_bench.ipynb #3ec58944

@@ -17,8 +17,9 @@ import traceback
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['BENCH_MODELS', 'SETTINGS_EXCLUDED', 'PATH_OPTIONS', 'build_parser', 'settings_of', 'recorded_command',
-           'parse_command', 'record_label_fields', 'compare_results', 'notebook_dir', 'main']
+__all__ = ['BENCH_MODELS', 'WEATHER_MODEL_NAMES', 'SETTINGS_EXCLUDED', 'PATH_OPTIONS', 'build_parser', 'settings_of',
+           'recorded_command', 'parse_command', 'rerun_command', 'record_label_fields', 'compare_results',
+           'notebook_dir', 'main']
 
 # %% ../nbs/01_cli.ipynb #fda23204
 def _arg_type(check, name: str):
@@ -74,6 +75,9 @@ def _add_data_args(p: argparse.ArgumentParser, default_dataset: str, *, lengths:
 BENCH_MODELS = ("persistence", "seasonal_naive", "climatology", "oracle", "dlinear", "itransformer", "patchtst", "diffusion",
                 "diffusion_unet", "diffusion_2stage", "flow", "flow_plain", "consistency", "consistency_ct", "consistency_flow",
                 "latent", "latent_e2e", "latent_flow", "timellm", "timellm_flow")   # for --help without importing torch; tested against the registry
+WEATHER_MODEL_NAMES = ("persistence", "climatology", "cnn", "convlstm", "convlstm_seq2seq", "deep_cnn", "lstm", "lstm_bi",
+                       "lstm_seq2seq", "ridge", "ridge_per_var", "transformer", "transformer_seq2seq", "transformer_spatial",
+                       "unet", "weather_transformer")                                 # the same for `weather --models`
 
 def _add_run_args(p: argparse.ArgumentParser, out_default, *, seeds: bool = True, keep_going: bool = True, default_seeds=(0,)):
     "Options every benchmark shares: output folder, seeds, notes, failure policy, config file, progress bars."
@@ -149,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "time and ACC; write weather_<dataset>.json and .md.")
     w.add_argument("--dataset", default="toy", choices=["toy", "ncep"], help="'toy' (embedded, no files) or 'ncep' (needs --data-dir)")
     w.add_argument("--data-dir", default=None, help="directory holding the weather files (default: $TSDIFFBENCH_DATA)")
-    w.add_argument("--models", default="all", help="comma-separated zoo models (default: all)")
+    w.add_argument("--models", default="main", help="comma-separated zoo models, 'main' (default: persistence, climatology, ridge, "
+                   "lstm, cnn, unet with 3, 2 and 4 epochs, about 2 minutes) or 'all' (the whole zoo, as the published tables; "
+                   "hours on a CPU). Names: " + ", ".join(WEATHER_MODEL_NAMES))
     w.add_argument("--epochs", type=int, default=None, help="training epochs of the neural models without their own (default 10)")
     w.add_argument("--model-options", default=None, help=_MODEL_OPTIONS_HELP.replace("max_steps\": 600, \"steps\": 5", "epochs\": 3") + '; "epochs" per model')
     w.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
@@ -271,12 +277,16 @@ def _merge_config(args: argparse.Namespace, parser: argparse.ArgumentParser, arg
     actions = {k: a for k, a in _options(_subparser(parser, args.command)).items() if k not in ("config",)}
     unknown = sorted(set(cfg) - set(actions))
     if unknown: raise UsageError(f"unknown option(s) in {args.config}: {unknown}; known: {sorted(actions)}")
-    given = {actions[k].dest for k in actions for a in argv if a.split("=")[0] in actions[k].option_strings}
+    given = _given(actions, argv)
     for k, v in cfg.items():
         if k in given: continue
         setattr(args, k, _config_value(actions[k], v, f"{k} in {args.config}"))
     args._from_config = sorted(set(cfg) - given)
     return args
+
+def _given(actions: dict, argv: list) -> set:
+    "The options (dest names) that `argv` sets explicitly."
+    return {k for k, a in actions.items() for t in argv if t.split("=")[0] in a.option_strings}
 
 def _config_value(action: argparse.Action, v, what: str):
     "A config value checked like the flag's own argument would be (type, choices, on/off flags)."
@@ -354,6 +364,20 @@ def parse_command(command: str) -> argparse.Namespace:
     if not argv or argv[0] != "tsdiffbench": raise DataError(f"not a tsdiffbench command: {command!r}")
     try: return build_parser().parse_args(argv[1:])
     except SystemExit: raise DataError(f"the recorded command does not parse with this version's CLI: {command!r}") from None
+
+def rerun_command(res: dict) -> str:
+    """The command that reruns results `res`: its recorded command, plus a flag for each option the command left to a default
+    that has changed since (from the `settings` it records); it must parse into exactly those settings."""
+    from tsdiffbench.core import DataError
+    parsed, recorded = parse_command(res["command"]), res["settings"]
+    argv = shlex.split(res["command"])[1:]
+    actions = _options(_subparser(build_parser(), parsed.command))
+    now, given = settings_of(parsed), _given(actions, argv)
+    changed = [k for k in actions if k in recorded and k not in given and now.get(k) != recorded[k]]
+    command = shlex.join(["tsdiffbench", *argv, *[t for k in changed for t in _flag_tokens(actions[k], recorded[k])]])
+    if settings_of(parse_command(command)) != recorded:
+        raise DataError(f"{res['command']!r} does not parse into the settings it records (written by another version?)")
+    return command
 
 # %% ../nbs/01_cli.ipynb #469f5e83
 def _cmd_data(args, ctx) -> int:
@@ -479,14 +503,15 @@ def _cmd_reproduce(args, ctx) -> int:
     if not old.get("command"): raise DataError(f"{args.file} records no command to rerun")
     parsed = parse_command(old["command"])
     if parsed.command in ("reproduce", "render"): raise DataError(f"{args.file} records a {parsed.command} command, not a benchmark")
-    if settings_of(parsed) != old["settings"]:
-        raise DataError(f"{args.file}: its command does not parse into the settings it records (written by another version?)")
+    try: command = rerun_command(old)
+    except DataError as e: raise DataError(f"{args.file}: {e}") from None
     scratch = Path(args.out or tempfile.mkdtemp(prefix="tsdiffbench-reproduce-")).resolve()
     if scratch.exists() and any(scratch.iterdir()): raise UsageError(f"--out {args.out} is not empty; give a new or empty folder")
-    argv = shlex.split(old["command"])[1:]
+    argv = shlex.split(command)[1:]
     argv = [t for i, t in enumerate(argv) if not (t == "--out" or t.startswith("--out=") or (i and argv[i - 1] == "--out"))]
     root, here = _repository_root(Path(args.file)), Path.cwd()
-    print(f"rerunning in {root}: {old['command']}\n  into {scratch}", flush=True)
+    print(f"rerunning in {root}: {command}\n  into {scratch}", flush=True)
+    if command != old["command"]: print("  (the recorded command with the options it left to since-changed defaults spelled out)")
     os.chdir(root)
     try: code = main([*argv, "--out", str(scratch)])
     finally: os.chdir(here)

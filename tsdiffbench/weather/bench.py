@@ -19,9 +19,10 @@ from ..results import Run, cell_stats, column, table, write_results
 from .data import ClimatologyForecaster, PersistenceForecaster, WeatherData, load_weather
 
 # %% auto #0
-__all__ = ['INPUT_MODES', 'BASELINES', 'DEFAULT_EPOCHS', 'DEFAULT_MODEL_KWARGS', 'RUN_OPTIONS', 'model_inputs', 'lead_hours',
-           'score_forecast', 'zoo_registry', 'available_models', 'fit_and_forecast', 'constructor_options',
-           'plan_models', 'run_weather_bench', 'weather_tables', 'weather_description', 'weather_summary']
+__all__ = ['INPUT_MODES', 'BASELINES', 'DEFAULT_EPOCHS', 'DEFAULT_MODEL_KWARGS', 'RUN_OPTIONS', 'MAIN_MODELS', 'MAIN_OPTIONS',
+           'model_inputs', 'lead_hours', 'score_forecast', 'zoo_registry', 'available_models', 'fit_and_forecast',
+           'constructor_options', 'plan_models', 'run_weather_bench', 'weather_tables', 'weather_description',
+           'weather_summary']
 
 # %% ../../nbs/37_weather.bench.ipynb #e87825bd
 INPUT_MODES = ("anomaly", "raw")
@@ -102,10 +103,15 @@ DEFAULT_EPOCHS = 10
 # a grid lets the zoo's hold-out choose α
 DEFAULT_MODEL_KWARGS = {"ridge": {"alpha": (1e1, 1e2, 1e3, 1e4, 1e5)}, "ridge_per_var": {"alpha": (1e1, 1e2, 1e3, 1e4, 1e5)}}
 RUN_OPTIONS = ("epochs", "seeds")                                                        # per-model options that are not constructor keywords
+# `models="main"`, the command's default: the baselines, ridge and the three quickest good neural models, a few epochs each
+# (about 2 minutes on 2 CPU cores); `models="all"` trains the whole zoo, as the published tables do
+MAIN_MODELS = ("persistence", "climatology", "ridge", "lstm", "cnn", "unet")
+MAIN_OPTIONS = {"lstm": {"epochs": 3}, "cnn": {"epochs": 2}, "unet": {"epochs": 4}}
 
 def _resolve_models(models) -> list[str]:
     known = available_models()
     if models in (None, "all"): return known
+    if models == "main": return list(MAIN_MODELS)
     names = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models)
     unknown = [m for m in names if m not in known]
     if unknown: raise UsageError(f"unknown weather model(s) {unknown}; available: {known}")
@@ -157,13 +163,16 @@ def plan_models(names: Sequence[str], model_options: Mapping | None = None, seed
     return plan
 
 # %% ../../nbs/37_weather.bench.ipynb #5103b6d7
-def run_weather_bench(dataset: str = "toy", data_dir=None, models: str | Sequence[str] = "all", out=None,
+def run_weather_bench(dataset: str = "toy", data_dir=None, models: str | Sequence[str] = "main", out=None,
                       seeds: Sequence[int] = (0,), quick: bool = False, model_options: Mapping[str, dict] | None = None, *,
                       epochs: int | None = None, inputs: str = "anomaly", lr: float = 1e-3, batch_size: int = 32,
                       device="auto", progress: bool | None = None, command: str | None = None, settings: dict | None = None,
                       load_kwargs: dict | None = None, return_forecasts: bool = False):
     "Fit and score persistence, climatology and the zoo on 'toy' or 'ncep'; write weather_{dataset}.json/.md into `out` (None: don't write)."
     names = _resolve_models(models)
+    if models == "main" and epochs is None:                                              # MAIN_OPTIONS under the user's options
+        model_options = {n: {**MAIN_OPTIONS.get(n, {}), **(model_options or {}).get(n, {})}
+                         for n in set(model_options or {}) | set(MAIN_OPTIONS)}
     plan = plan_models(names, model_options, seeds, epochs, quick)                      # bad options fail before any loading
     if inputs not in INPUT_MODES: raise UsageError(f"unknown inputs mode {inputs!r}; expected one of {INPUT_MODES}")
     if settings is None:
@@ -204,7 +213,7 @@ def run_weather_bench(dataset: str = "toy", data_dir=None, models: str | Sequenc
     res = run.results(f"Weather benchmark: {data.name}", records, tables,
                       description=weather_description(data, plan, epochs_used, train=len(train["x"]), val=len(val["x"]),
                                                       test=len(test["x"]), stride=stride, inputs=inputs, lr=lr,
-                                                      batch_size=batch_size, quick=quick),
+                                                      batch_size=batch_size, quick=quick, main=models == "main"),
                       summary=weather_summary(records, tables))
     if out is not None: write_results(res, out, f"weather_{data.name}")
     return (res, forecasts, data) if return_forecasts else res
@@ -233,7 +242,7 @@ def _seed_groups(plan: dict) -> str:
     return "; ".join(f"{', '.join(map(str, s))} for {', '.join(ms)}" for s, ms in groups.items())
 
 def weather_description(data: WeatherData, plan: dict, epochs_used: dict, *, train: int, val: int, test: int, stride: int,
-                        inputs: str, lr: float, batch_size: int, quick: bool) -> list[str]:
+                        inputs: str, lr: float, batch_size: int, quick: bool, main: bool = False) -> list[str]:
     "The description lines of a weather results file: data, splits, windows, scoring, training, seeds."
     leads, (H, W) = lead_hours(data), data.grid_shape
     step_h = int(round(data.step / pd.Timedelta("1h")))
@@ -255,6 +264,8 @@ def weather_description(data: WeatherData, plan: dict, epochs_used: dict, *, tra
     if base: lines.append(f"{' and '.join(base).capitalize()} {'is' if len(base) == 1 else 'are'} deterministic: run once "
                           f"(seed {plan[base[0]]['seeds'][0]}).")
     if quick: lines.append("**Quick mode** (every 4th train window, 1 epoch): a smoke test of the pipeline, not a result.")
+    if main: lines.append(f"The quick default (`--models main`: {', '.join(MAIN_MODELS)}). The whole zoo: `--models all`; the "
+                          f"published table: `tsdiffbench reproduce bench/results/weather_{data.name}.json`.")
     return lines
 
 def weather_summary(records: list[dict], tables: list[dict]) -> dict:
