@@ -129,18 +129,18 @@ def sample_errors(toy, x: torch.Tensor) -> dict:
 def samples_figure(toy, x: torch.Tensor, *, title: str = "", height: int = 340):
     "Plotly figure of samples x (n, D) of 1-D or 2-D mixture `toy` against its exact density."
     import plotly.graph_objects as go
-    x = x.reshape(len(x), -1).double()
+    x = x.reshape(len(x), -1).double().numpy()                                          # plotly takes NumPy arrays
     centre, half = toy.means.mean(0), (toy.means - toy.means.mean(0)).abs().max() + 4 * toy.covs.diagonal(0, 1, 2).max().sqrt()
     fig = go.Figure()
     if toy.D == 1:
         grid = torch.linspace(float(centre - half), float(centre + half), 400, dtype=torch.float64)[:, None]
         fig.add_histogram(x=x[:, 0], histnorm="probability density", nbinsx=80, name="samples", marker_color="gray", opacity=0.6)
-        fig.add_scatter(x=grid[:, 0], y=mixture_density(toy, grid), name="exact density", line_color="black")
+        fig.add_scatter(x=grid[:, 0].numpy(), y=mixture_density(toy, grid).numpy(), name="exact density", line_color="black")
     elif toy.D == 2:
         ticks = torch.linspace(-1, 1, 80, dtype=torch.float64) * half
         gx, gy = torch.meshgrid(centre[0] + ticks, centre[1] + ticks, indexing="xy")
         dens = mixture_density(toy, torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)).reshape(gx.shape)
-        fig.add_contour(x=gx[0], y=gy[:, 0], z=dens, colorscale="Blues", showscale=False, name="exact density", ncontours=12)
+        fig.add_contour(x=gx[0].numpy(), y=gy[:, 0].numpy(), z=dens.numpy(), colorscale="Blues", showscale=False, name="exact density", ncontours=12)
         fig.add_scatter(x=x[:, 0], y=x[:, 1], mode="markers", marker=dict(size=3, color="black"), name="samples")
         fig.update_yaxes(scaleanchor="x")
     else: raise ValueError(f"samples_figure draws 1-D or 2-D toys, got D={toy.D}")
@@ -150,7 +150,7 @@ def samples_figure(toy, x: torch.Tensor, *, title: str = "", height: int = 340):
 def denoising_animation(traj, *, max_points: int = 400, title: str = "noise → samples"):
     "A plotly animation of the states of trajectory `traj` (1-D: histograms; 2-D: point clouds), one frame per step."
     import plotly.graph_objects as go
-    x = traj.x.reshape(traj.x.shape[0], traj.x.shape[1], -1)[:, :max_points].double()     # (S+1, n, D)
+    x = traj.x.reshape(traj.x.shape[0], traj.x.shape[1], -1)[:, :max_points].double().numpy()   # (S+1, n, D), for plotly
     D = x.shape[-1]
     if D not in (1, 2): raise ValueError(f"denoising_animation draws 1-D or 2-D data, got D={D}")
     lo, hi = float(x.min()), float(x.max())

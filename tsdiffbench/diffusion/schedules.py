@@ -285,8 +285,8 @@ def schedule_figure(named: dict, n_points: int = 200):
         if sched.continuous: t = torch.linspace(0.002, 1, n_points, dtype=torch.float64); u = t
         else: t = torch.linspace(0, sched.T - 1, n_points).round().double(); u = (t + 1) / sched.T
         color = f"hsl({int(360 * i / len(named))},60%,45%)"
-        fig.add_scatter(x=u, y=sched.alpha_bar(t), name=label, line_color=color, row=1, col=1)
-        fig.add_scatter(x=u, y=sched.log_snr(t), name=label, line_color=color, showlegend=False, row=1, col=2)
+        fig.add_scatter(x=u.numpy(), y=sched.alpha_bar(t).numpy(), name=label, line_color=color, row=1, col=1)   # plotly takes NumPy
+        fig.add_scatter(x=u.numpy(), y=sched.log_snr(t).numpy(), name=label, line_color=color, showlegend=False, row=1, col=2)
     fig.update_xaxes(title_text="t (normalised)")
     fig.update_layout(height=330, margin=dict(t=40, b=40), legend=dict(font_size=10))
     return fig

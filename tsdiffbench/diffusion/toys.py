@@ -137,8 +137,8 @@ def trajectory_figure(traj: Trajectory, n_paths: int = 40, bins: int = 60, title
     "Plotly figure of sampling paths: 1-D data as x over time with the final histogram; 2-D data as paths in the plane."
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
-    x = traj.x.reshape(traj.x.shape[0], traj.x.shape[1], -1).double()       # (S+1, n, D)
-    D, steps = x.shape[-1], torch.arange(x.shape[0])
+    x = traj.x.reshape(traj.x.shape[0], traj.x.shape[1], -1).double().numpy()   # (S+1, n, D); plotly takes NumPy arrays
+    D, steps = x.shape[-1], list(range(x.shape[0]))
     if D == 1:
         fig = make_subplots(rows=1, cols=2, column_widths=[0.75, 0.25], shared_yaxes=True, horizontal_spacing=0.02)
         for j in range(min(n_paths, x.shape[1])):

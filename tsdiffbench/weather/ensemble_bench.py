@@ -74,11 +74,11 @@ def eda_spread_skill(path=None) -> list[dict]:
     path = Path(path) if path is not None else (shared_data_dir() or Path(".")) / "weather" / EDA_FILE
     if not path.exists(): raise DataError(f"ERA5 EDA file {path} not found; pass its path (it lives in shared/data/weather/{EDA_FILE})")
     ds = xr.open_dataset(path)
-    lat = torch.as_tensor(ds["latitude"].values, dtype=torch.float64)
+    lat = torch.tensor(ds["latitude"].values, dtype=torch.float64)                   # copies: xarray's arrays are read-only
     records = []
     for var in ("z", "t"):
         for level in ds["isobaricInhPa"].values:
-            fields = torch.as_tensor(ds[var].sel(isobaricInhPa=level).values, dtype=torch.float64)   # (members, time, lat, lon)
+            fields = torch.tensor(ds[var].sel(isobaricInhPa=level).values, dtype=torch.float64)   # (members, time, lat, lon)
             m = fields.shape[0] - 1
             spread2 = skill2 = 0.0
             each = []                                                                     # corrected ratio of each hold-out
