@@ -224,13 +224,18 @@ def weather_tables(data: WeatherData, with_persistence: bool = True) -> list[dic
     leads = lead_hours(data); last = leads[-1]
     specs = []
     for variable, units in zip(data.variables, data.units):
-        cols = [column(f"RMSE +{h} h", "rmse", ".3f", where={"lead_hours": h}) for h in leads]
-        cols += [column(f"MAE +{last} h", "mae", ".3f", where={"lead_hours": last}),
-                 column(f"ACC +{last} h", "acc", ".3f", where={"lead_hours": last})]
+        cols = [column(f"RMSE +{h} h", "rmse", ".3f", where={"lead_hours": h},
+                       help=None if i else "latitude-weighted root-mean-square error at that lead time, in the variable's units")
+                for i, h in enumerate(leads)]
+        cols += [column(f"MAE +{last} h", "mae", ".3f", where={"lead_hours": last}, help="latitude-weighted mean absolute error"),
+                 column(f"ACC +{last} h", "acc", ".3f", where={"lead_hours": last},
+                        help="anomaly correlation with the truth, anomalies from the train climatology (1 is perfect)")]
         if with_persistence:
-            cols.append(column(f"RMSE / persistence +{last} h", "rmse", ".3f", where={"lead_hours": last}, ratio_to="persistence"))
-        cols += [column("params", "params", "int", where={"lead_hours": last}),
-                 column("train s", "train_seconds", ".1f", where={"lead_hours": last})]
+            cols.append(column(f"RMSE / persistence +{last} h", "rmse", ".3f", where={"lead_hours": last}, ratio_to="persistence",
+                               help="the model's RMSE divided by persistence's (below 1 beats it)"))
+        cols += [column("params", "params", "int", where={"lead_hours": last},
+                        help="trained parameters (ridge: the weights and intercepts of its equivalent full linear map)"),
+                 column("train s", "train_seconds", ".1f", where={"lead_hours": last}, help="training wall seconds")]
         specs.append(table(cols, index="model", title=f"{variable} ({units})", where={"variable": variable},
                            best=f"RMSE +{last} h", sort=f"RMSE +{last} h"))
     return specs
