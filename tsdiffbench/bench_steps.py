@@ -121,8 +121,8 @@ QUICK_MODEL_OPTIONS = {"consistency": {"max_steps": 20, "base_options": QUICK_OP
 def run_steps_bench(out=None, *, dataset: str = "ETTh1", data: TimeSeriesData | None = None, data_dir=None, models=STEPS_MODELS,
                     seeds=(0,), quick: bool = False, n_samples: int = 100, budgets=BUDGETS, seq_len: int = 96, pred_len: int = 96,
                     model_options: dict | None = None, figure: bool = True, command: str | None = None,
-                    settings: dict | None = None) -> dict:
-    "Train each generative forecaster once per seed, sample the test set at every budget; write steps_<dataset>.{json,md,png} to `out`."
+                    settings: dict | None = None, name: str | None = None) -> dict:
+    "Train each generative forecaster once per seed, sample the test set at every budget; write `name` (default steps_<dataset>).{json,md,png} to `out`."
     models = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models)
     budgets = tuple(budgets[:1] + budgets[-1:]) if quick and len(budgets) > 2 else tuple(budgets)
     if not budgets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in budgets):
@@ -165,7 +165,7 @@ def run_steps_bench(out=None, *, dataset: str = "ETTh1", data: TimeSeriesData | 
     res = run.results(f"Steps–quality frontier on {data.name}, {seq_len} → {pred_len}", records, [steps_table()],
                       description=_description(data, s, summary), summary=summary)
     if out is not None:
-        stem = f"steps_{data.name}"
+        stem = name or f"steps_{data.name}"
         write_results(res, out, stem)
         if figure and records: write_figure(frontier_figure(records, res["title"]), out, stem)
     return res

@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--n-samples", type=_POSITIVE, default=100, help="ensemble size (default 100)")
     st.add_argument("--model-options", default=None, help=_MODEL_OPTIONS_HELP)
     st.add_argument("--quick", action="store_true", help="tiny training and two budgets, for a smoke test")
+    st.add_argument("--name", default=None, help="file stem of the results (default steps_<dataset>), e.g. for a second sweep beside the first")
     _add_run_args(st, "runs/steps", keep_going=False)                            # publish with --out bench/results
 
     tl = sub.add_parser("timellm", help="Time-LLM: patches reprogrammed into a frozen language model, with its ablations",
@@ -367,7 +368,8 @@ def parse_command(command: str) -> argparse.Namespace:
 
 def rerun_command(res: dict) -> str:
     """The command that reruns results `res`: its recorded command, plus a flag for each option the command left to a default
-    that has changed since (from the `settings` it records); it must parse into exactly those settings."""
+    that has changed since (from the `settings` it records). It must parse into exactly those settings, apart from options
+    added to the CLI after the file was written, which must be at their defaults."""
     from tsdiffbench.core import DataError
     parsed, recorded = parse_command(res["command"]), res["settings"]
     argv = shlex.split(res["command"])[1:]
@@ -375,7 +377,9 @@ def rerun_command(res: dict) -> str:
     now, given = settings_of(parsed), _given(actions, argv)
     changed = [k for k in actions if k in recorded and k not in given and now.get(k) != recorded[k]]
     command = shlex.join(["tsdiffbench", *argv, *[t for k in changed for t in _flag_tokens(actions[k], recorded[k])]])
-    if settings_of(parse_command(command)) != recorded:
+    new = settings_of(parse_command(command))
+    added = {k for k in set(new) - set(recorded) if k in actions and k not in given and new[k] == json.loads(json.dumps(actions[k].default))}
+    if {k: v for k, v in new.items() if k not in added} != recorded:
         raise DataError(f"{res['command']!r} does not parse into the settings it records (written by another version?)")
     return command
 
@@ -430,7 +434,7 @@ def _cmd_weather(args, ctx) -> dict:
 def _cmd_steps(args, ctx) -> dict:
     from tsdiffbench.bench_steps import run_steps_bench
     return run_steps_bench(args.out, dataset=args.dataset, data_dir=args.data_dir, models=args.models, seeds=args.seeds, quick=args.quick,
-                           n_samples=args.n_samples, budgets=tuple(args.budgets),
+                           n_samples=args.n_samples, budgets=tuple(args.budgets), name=args.name,
                            model_options=_parse_mapping(args.model_options, "--model-options"), **ctx)
 
 def _cmd_timellm(args, ctx) -> dict:
