@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     wd = sub.add_parser("weatherdiff", help="diffusion ensembles for gridded weather (pixel and latent space) against the zoo's U-Net",
         description="Train the autoencoders (KL-VAE, RAE), latent U-Nets and conditional diffusion ensembles (pixel, residual, "
                     "KL-VAE latent, RAE tokens) on the toy set or NCEP; score CRPS, ensemble-mean RMSE and spread-skill per "
-                    "lead time; write weatherdiff_<dataset>.{json,md} and map / trajectory PNGs.")
+                    "lead time; write weather_<dataset>_ens.{json,md} and map / trajectory PNGs.")
     wd.add_argument("--dataset", default="toy", choices=["toy", "ncep"], help="'toy' (embedded) or 'ncep' (shared data folder or --data-dir)")
     wd.add_argument("--data-dir", default=None, help="directory holding the weather files (default: $TSDIFFBENCH_DATA or ../shared/data)")
     wd.add_argument("--models", default="all", help="comma-separated models (default all)")

@@ -15,31 +15,56 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['natural_earth_path', 'land_geometry', 'coastline_segments', 'cell_edges', 'coastlines_for_grid', 'draw_coastlines',
-           'forecast_maps', 'figure_png', 'save_png', 'plotly_forecast_maps', 'ForecastMapPanel', 'forecast_panel']
+__all__ = ['GSHHS_CRUDE', 'coastline_source', 'land_geometry', 'coastline_segments', 'cell_edges', 'coastlines_for_grid',
+           'map_axes', 'draw_coastlines', 'coastline_note', 'draw_field', 'forecast_maps', 'figure_png', 'save_png',
+           'plotly_forecast_maps', 'ForecastMapPanel', 'forecast_panel']
 
 # %% ../../nbs/36_weather.maps.ipynb #e99acb1d
-def natural_earth_path() -> Path:
-    "The coastline shapefile: `TSDIFFBENCH_COASTLINES` if set, else Natural Earth 1:110 m countries shipped in the pyogrio wheel."
+GSHHS_CRUDE = Path("c") / "GSHHS_c_L1.shp"                                  # crude resolution, level 1 (land / ocean)
+
+def _gshhs_dirs() -> list[Path]:
+    "Where an offline GSHHS may be: Debian's python-cartopy-data, then cartopy's configured data directories."
+    dirs = [Path("/usr/share/cartopy/data/shapefiles/gshhs")]
+    try:
+        import cartopy
+        dirs += [Path(cartopy.config[k]) / "shapefiles" / "gshhs" for k in ("pre_existing_data_dir", "data_dir") if cartopy.config.get(k)]
+    except ImportError: pass
+    return dirs
+
+def coastline_source() -> tuple[Path, str]:
+    "(shapefile, note naming it): `TSDIFFBENCH_COASTLINES` if set, else GSHHS from python-cartopy-data, else Natural Earth from pyogrio."
     env = os.environ.get("TSDIFFBENCH_COASTLINES")
-    if env: return Path(env).expanduser()
+    if env: return Path(env).expanduser(), f"{Path(env).name} (TSDIFFBENCH_COASTLINES)"
+    for d in _gshhs_dirs():
+        if (d / GSHHS_CRUDE).is_file(): return d / GSHHS_CRUDE, "GSHHS crude L1 (python-cartopy-data, offline)"
     try: import pyogrio
     except ImportError as e:
-        raise ImportError("coastlines need pyogrio and shapely (pip install 'pyogrio==0.13.0' 'shapely==2.2.0'), "
+        raise ImportError("no offline coastlines: install Debian's python-cartopy-data or pyogrio==0.13.0 (its wheel ships Natural Earth), "
                           "or set TSDIFFBENCH_COASTLINES to a polygon shapefile; pass coastlines=False to draw without") from e
-    return Path(pyogrio.__file__).parent / "tests" / "fixtures" / "naturalearth_lowres" / "naturalearth_lowres.shp"
+    path = Path(pyogrio.__file__).parent / "tests" / "fixtures" / "naturalearth_lowres" / "naturalearth_lowres.shp"
+    return path, "Natural Earth 1:110m (pyogrio wheel, offline)"
+
+def _resolve(path) -> str:
+    return str(Path(path).expanduser() if path else coastline_source()[0])
+
+def land_geometry(path: str | None = None):
+    "Land as one shapely (Multi)Polygon: the union of the (repaired) polygons in the shapefile (default: `coastline_source`)."
+    return _land(_resolve(path))
 
 @functools.lru_cache(maxsize=4)
-def land_geometry(path: str | None = None):
-    "Land as one shapely (Multi)Polygon: the union of the polygons in the shapefile."
-    import pyogrio, shapely
-    path = Path(path) if path else natural_earth_path()
+def _land(path: str):
+    import logging, shapely
+    from cartopy.io.shapereader import Reader
+    path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"coastline shapefile {path} not found; set TSDIFFBENCH_COASTLINES or pass coastlines=False")
-    meta, _, wkb, _ = pyogrio.raw.read(path)
-    crs = str(meta.get("crs") or "")
-    if crs and crs.upper() not in ("EPSG:4326", "OGC:CRS84"):
-        raise ValueError(f"coastline shapefile {path} is in {crs}; expected longitude/latitude (EPSG:4326)")
-    return shapely.union_all(shapely.from_wkb(wkb))
+    prj = path.with_suffix(".prj")
+    if prj.is_file() and not any(w in prj.read_text().upper() for w in ("GEOGCS", "WGS", "4326", "CRS84")):
+        raise ValueError(f"coastline shapefile {path} is not in longitude/latitude ({prj.name}); expected EPSG:4326")
+    shp_log = logging.getLogger("shapefile")                         # pyshp notes every crude-GSHHS ring it reorients; make_valid repairs them
+    level = shp_log.level; shp_log.setLevel(logging.ERROR)
+    try: polygons = [shapely.make_valid(g, method="structure", keep_collapsed=False) for g in Reader(str(path)).geometries()]
+    finally: shp_log.setLevel(level)
+    return shapely.union_all(polygons)
 
 def _split_at(points: np.ndarray, breaks: np.ndarray) -> list[np.ndarray]:
     "Cut a polyline (n, 2) into runs of points where `breaks` (n,) is False; runs shorter than 2 points are dropped."
@@ -51,11 +76,14 @@ def _split_at(points: np.ndarray, breaks: np.ndarray) -> list[np.ndarray]:
             start = None
     return runs
 
-@functools.lru_cache(maxsize=4)
 def coastline_segments(path: str | None = None) -> tuple[np.ndarray, ...]:
     "Coastlines as (n, 2) arrays of (lon, lat) degrees, lon in [-180, 180]; artificial date-line/pole edges removed."
+    return _segments(_resolve(path))
+
+@functools.lru_cache(maxsize=4)
+def _segments(path: str) -> tuple[np.ndarray, ...]:
     import shapely
-    boundary = land_geometry(path).boundary
+    boundary = _land(path).boundary
     lines = list(boundary.geoms) if hasattr(boundary, "geoms") else [boundary]
     segments = []
     for line in lines:
@@ -96,12 +124,36 @@ def _check_field(field, lat, lon, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be shaped (lat, lon) = ({len(lat)}, {len(lon)}); got {f.shape}")
     return f
 
-def draw_coastlines(ax, lon, lat, *, color: str = "black", linewidth: float = 0.6, path: str | None = None) -> int:
-    "Draw the coastlines on a matplotlib Axes in the grid's longitude convention; return the number of segments drawn."
-    from matplotlib.collections import LineCollection
-    segments = coastlines_for_grid(lon, path)
-    ax.add_collection(LineCollection(segments, colors=color, linewidths=linewidth, zorder=3))
+def map_axes(fig, nrows: int, ncols: int, lon) -> np.ndarray:
+    "A (nrows, ncols) array of cartopy GeoAxes in Plate Carrée centred on the grid's longitudes."
+    import cartopy.crs as ccrs
+    edges = cell_edges(lon)
+    proj = ccrs.PlateCarree(central_longitude=float(edges[0] + edges[-1]) / 2)
+    return np.array([[fig.add_subplot(nrows, ncols, r * ncols + c + 1, projection=proj) for c in range(ncols)] for r in range(nrows)])
+
+def draw_coastlines(ax, *, color: str = "black", linewidth: float = 0.6, path: str | None = None) -> int:
+    "Draw the coastlines on a cartopy GeoAxes (cartopy cuts them at the map's edge); return the number of segments drawn."
+    import cartopy.crs as ccrs, shapely
+    segments = coastline_segments(path)
+    ax.add_geometries([shapely.MultiLineString(list(segments))], crs=ccrs.PlateCarree(), facecolor="none", edgecolor=color,
+                      linewidth=linewidth, zorder=3)
     return len(segments)
+
+def coastline_note() -> str:
+    "The source of the coastlines, for a figure's title."
+    return f"coastlines: {coastline_source()[1]}"
+
+def draw_field(ax, lon, lat, values, *, coastlines: bool = True, labels: bool = True, **style):
+    "One field (H, W) on its grid cells on a map axes, with coastlines and lon/lat gridlines, cropped to the grid; returns the mesh."
+    import cartopy.crs as ccrs
+    lon_e, lat_e = cell_edges(lon), np.clip(cell_edges(lat), -90, 90)
+    mesh = ax.pcolormesh(lon_e, lat_e, values, shading="flat", transform=ccrs.PlateCarree(), **style)
+    if coastlines: draw_coastlines(ax)
+    half = (lon_e[-1] - lon_e[0]) / 2                                          # the projection is centred on the grid
+    ax.set_extent([-half, half, lat_e[0], lat_e[-1]], crs=ax.projection)
+    grid = ax.gridlines(draw_labels=["bottom", "left"] if labels else False, linewidth=0.3, color="grey", alpha=0.5)
+    grid.xlabel_style = grid.ylabel_style = dict(size=7)
+    return mesh
 
 # %% ../../nbs/36_weather.maps.ipynb #a848c784
 def _map_fields(truth, forecast, lat, lon, ensemble):
@@ -133,18 +185,14 @@ def forecast_maps(truth, forecast=None, lat=None, lon=None, *, ensemble=None, va
     err_max = float(np.abs(error).max()) or 1.0
     lon_e, lat_e = cell_edges(lon), cell_edges(lat)
     aspect = (lat_e[-1] - lat_e[0]) / (lon_e[-1] - lon_e[0])
-    fig = Figure(figsize=(panel_width * len(panels), panel_width * aspect + 1.1), layout="constrained")
-    axes = fig.subplots(1, len(panels), sharey=True)
-    for ax, (name, values, cm, kind) in zip(axes, panels):
+    fig = Figure(figsize=(panel_width * len(panels), panel_width * aspect + 1.3), layout="constrained")
+    for ax, (name, values, cm, kind) in zip(map_axes(fig, 1, len(panels), lon)[0], panels):
         vmin, vmax = (-err_max, err_max) if kind == "error" else (0, float(values.max()) or 1.0) if kind == "spread" else (lo, hi)
-        mesh = ax.pcolormesh(lon_e, lat_e, values, cmap=cm, vmin=vmin, vmax=vmax, shading="flat")
-        if coastlines: draw_coastlines(ax, lon, lat)
-        ax.set_xlim(lon_e[0], lon_e[-1]); ax.set_ylim(lat_e[0], lat_e[-1]); ax.set_aspect("equal")
-        ax.set_title(name, fontsize=10); ax.set_xlabel("longitude (°E)")
-        bar = fig.colorbar(mesh, ax=ax, orientation="horizontal", shrink=0.85, pad=0.02, label=units)
+        mesh = draw_field(ax, lon, lat, values, coastlines=coastlines, cmap=cm, vmin=vmin, vmax=vmax)
+        ax.set_title(name, fontsize=10)
+        bar = fig.colorbar(mesh, ax=ax, orientation="horizontal", shrink=0.85, pad=0.06, label=units)
         bar.ax.xaxis.set_major_locator(MaxNLocator(5))                                     # few ticks: z values are long numbers
-    axes[0].set_ylabel("latitude (°N)")
-    fig.suptitle(title or variable, fontsize=11)
+    fig.suptitle((title or variable) + (f"  ({coastline_note()})" if coastlines else ""), fontsize=11)
     return fig
 
 def figure_png(fig, dpi: int = 100) -> bytes:
@@ -159,7 +207,8 @@ def save_png(fig, path, dpi: int = 100) -> Path:
 # %% ../../nbs/36_weather.maps.ipynb #f0eb29bb
 def _data_to_pixel(fig, ax, lon: float, lat: float) -> tuple[int, int]:
     "Pixel (row, column) in the PNG of a data point on `ax`; call after rendering at the figure's dpi (which fixes the layout)."
-    x_disp, y_disp = ax.transData.transform((lon, lat))
+    import cartopy.crs as ccrs
+    x_disp, y_disp = ax.transData.transform(ax.projection.transform_point(lon, lat, ccrs.PlateCarree()))
     height = fig.bbox.height
     return int(round(height - y_disp)), int(round(x_disp))
 
