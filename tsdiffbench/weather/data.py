@@ -24,7 +24,7 @@ __all__ = ['COORD_ALIASES', 'EXPECTED_UNITS', 'WEATHERBENCH_SPLITS', 'NCEP_SPLIT
            'NCEP_STEM', 'as_tensor', 'standardize_coords', 'check_units', 'open_weather', 'select_fields',
            'subsample_time', 'split_slice', 'FieldNormalizer', 'Climatology', 'weatherbench_grid', 'toy_weather',
            'WeatherWindows', 'WeatherData', 'time_features', 'latlon_planes', 'find_ncep', 'load_weather',
-           'PersistenceForecaster', 'ClimatologyForecaster']
+           'PersistenceForecaster', 'ClimatologyForecaster', 'write_toy_zarr', 'stream_train']
 
 # %% ../../nbs/30_weather.data.ipynb #185b571b
 def as_tensor(da) -> torch.Tensor:
@@ -116,19 +116,21 @@ def _about(where):
     try: yield
     except DataError as e: raise DataError(f"{where}: {e}") from e
 
-def open_weather(path, *, engine: str | None = None, chunks="auto"):
+def open_weather(path, *, engine: str | None = None, chunks="store"):
     "Open a WeatherBench-format netCDF file, folder of netCDF files, or zarr store as a lazy (dask) xarray Dataset with standard coordinates."
+    # chunks='store': a zarr store's own chunks (a window then reads only the few it overlaps); dask's 'auto' for netCDF
     xr = _xarray()
     paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
     missing = [str(p) for p in paths if not p.exists()]
     if missing: raise DataError(f"weather data not found: {missing}; pass the path of a netCDF file, a folder of them or a zarr store")
     if len(paths) == 1 and _is_zarr(paths[0]):
-        try: ds = xr.open_zarr(paths[0], chunks=chunks)
+        try: ds = xr.open_zarr(paths[0], chunks={} if chunks == "store" else chunks)
         except (OSError, ValueError) as e: raise DataError(f"{paths[0]} is not a readable zarr store ({_reason(e)})") from e
     else:
         files = []
         for p in paths: files += sorted(p.rglob("*.nc")) if p.is_dir() else [p]
         if not files: raise DataError(f"no .nc files under {[str(p) for p in paths]} (and not a zarr store)")
+        chunks = "auto" if chunks == "store" else chunks
         try:
             ds = (xr.open_dataset(files[0], engine=engine, chunks=chunks) if len(files) == 1 else
                   xr.open_mfdataset(files, engine=engine, chunks=chunks, combine="by_coords", data_vars="minimal",
@@ -294,10 +296,12 @@ class Climatology:
             sums.index_add_(0, key[start:start + block], chunk.flatten(1))
         counts = torch.bincount(key, minlength=n_cells).double()
         sums, counts = sums.view(DAYS_IN_YEAR, len(hours), -1), counts.view(DAYS_IN_YEAR, len(hours), 1)
-        smooth_sums, smooth_counts = _circular_box_sum(sums, window_days), _circular_box_sum(counts, window_days)
-        hour_mean = sums.sum(0) / counts.sum(0)                                          # (n_hours, C*H*W) all-year fallback
-        values = torch.where(smooth_counts > 0, smooth_sums / smooth_counts.clamp_min(1), hour_mean[None])
-        return cls(values.view(DAYS_IN_YEAR, len(hours), *point_shape).float(), hours, window_days)
+        values = torch.empty(sums.shape, dtype=torch.float32)
+        for h in range(len(hours)):                                                      # one hour at a time: a fraction of the memory
+            smooth_sums, smooth_counts = _circular_box_sum(sums[:, h], window_days), _circular_box_sum(counts[:, h], window_days)
+            hour_mean = sums[:, h].sum(0) / counts[:, h].sum(0)                          # (C*H*W,) all-year fallback
+            values[:, h] = torch.where(smooth_counts > 0, smooth_sums / smooth_counts.clamp_min(1), hour_mean[None])
+        return cls(values.view(DAYS_IN_YEAR, len(hours), *point_shape), hours, window_days)
 
     def at(self, times) -> torch.Tensor:
         "Climatological fields (N, C, H, W) at the given times (original units)."
@@ -551,7 +555,7 @@ def find_ncep(data_dir=None, store: str = "auto") -> Path:
 def load_weather(dataset: str = "toy", *, data_dir=None, variables: Sequence[str] | str | None = None,
                  levels: Sequence[float] | None = None, splits: dict | None = None, step: str = "6h", n_in: int = 12,
                  n_out: int = 4, normalization: str = "zscore", store: str = "auto", engine: str | None = None,
-                 chunks="auto", climatology_window_days: int = 30, expected_units: dict | None = None,
+                 chunks="store", climatology_window_days: int = 30, expected_units: dict | None = None,
                  toy_kwargs: dict | None = None) -> WeatherData:
     "Load 'toy', 'ncep' or a WeatherBench-format path as a `WeatherData` (lazy fields, train-fitted normaliser and climatology)."
     if dataset == "toy":
@@ -595,3 +599,63 @@ class ClimatologyForecaster:
         if clim.shape[0] != x.shape[0] or clim.shape[1] != self.n_out or clim.shape[2:] != x.shape[2:]:
             raise ValueError(f"extras['clim_target'] {tuple(clim.shape)} does not match x {tuple(x.shape)} and n_out={self.n_out}")
         return clim
+
+# %% ../../nbs/30_weather.data.ipynb #bc586847
+def write_toy_zarr(path, n_blocks: int, *, block_steps: int = 2920, n_lat: int = 32, n_lon: int = 64, seed: int = 0,
+                   n_runs: int | None = None, chunk_steps: int = 40, start: str = "2000-01-01") -> Path:
+    "Write `n_blocks` blocks of `block_steps` 6-hourly toy steps one after another into a zarr store, one block in memory at a time."
+    # block b is toy run b mod n_runs (seed + b mod n_runs): n_runs < n_blocks repeats runs to write a large store quickly
+    n_runs = n_blocks if n_runs is None else n_runs
+    if n_blocks < 1 or block_steps < 1 or n_runs < 1: raise UsageError(f"n_blocks, block_steps and n_runs must be ≥ 1; got {n_blocks}, {block_steps}, {n_runs}")
+    if block_steps % chunk_steps: raise UsageError(f"block_steps ({block_steps}) must be a multiple of chunk_steps ({chunk_steps}) so appends fill whole chunks")
+    path, t0 = Path(path), pd.Timestamp(start)
+    kept = {}
+    for b in range(n_blocks):
+        run = kept.get(b % n_runs)
+        if run is None:
+            run = toy_weather(block_steps, seed=seed + b % n_runs, n_lat=n_lat, n_lon=n_lon).drop_vars("land")
+            if n_runs < n_blocks: kept[b % n_runs] = run                                 # it will be written again
+        times = pd.date_range(t0 + b * block_steps * pd.Timedelta("6h"), periods=block_steps, freq="6h")
+        ds = run.assign_coords(time=times).chunk({"time": chunk_steps})
+        if b == 0: ds.to_zarr(path, mode="w", zarr_format=2)
+        else: ds.drop_vars(["lat", "lon", "level"]).to_zarr(path, append_dim="time")
+    return path
+
+def _status_mb(field: str) -> float:
+    "A memory figure of this process from /proc/self/status (Linux), in MB."
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"): return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+def _reset_peak_rss() -> float:
+    "Reset the kernel's peak-RSS mark (VmHWM) to the current RSS and return it (MB): what follows is measured alone."
+    try: Path("/proc/self/clear_refs").write_text("5")
+    except OSError as e: raise RuntimeError(f"cannot reset the peak RSS (/proc/self/clear_refs, Linux ≥ 4.0 only): {e}") from e
+    return _status_mb("VmRSS")
+
+def stream_train(store, splits: dict, *, steps: int = 20, batch_size: int = 8, loader_samples: int = 128, seed: int = 0) -> dict:
+    "Open `store` lazily, fit normaliser and climatology, time the window loader, train the zoo CNN `steps` steps; sizes in MB."
+    import time
+    from tsdiffbench.train import Trainer, TrainConfig
+    from tsdiffbench.weather.bench import zoo_registry
+    from tsdiffbench.weather.zoo import window_mse_loss
+    import zarr, dask.array  # noqa: F401
+    _xarray(); model_class = zoo_registry()["cnn"]                                       # imports done: the baseline is the process itself
+    baseline = _reset_peak_rss()
+    data = load_weather(str(store), variables=["t2m", "z500"], splits=splits)
+    train = data.windows("train")
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(train), (loader_samples,), generator=gen).tolist()
+    t0 = time.perf_counter()
+    for i in picks: train[i]
+    per_second = loader_samples / (time.perf_counter() - t0)
+    H, W = data.grid_shape
+    model = model_class(data.n_in, data.n_out, data.n_channels, H, W)
+    config = TrainConfig(epochs=None, max_steps=steps, batch_size=batch_size, lr=1e-3, seed=seed, device="cpu", amp="off",
+                         progress=False, log_every=steps)
+    trainer = Trainer(model, lambda m, batch: window_mse_loss(m, (*batch, {})), config)
+    t0 = time.perf_counter(); trainer.fit(train); train_seconds = time.perf_counter() - t0
+    return dict(store_mb=float(data.fields.nbytes) / 2**20, time_steps=len(data.times), train_windows=len(train),
+                baseline_mb=baseline, peak_mb=_status_mb("VmHWM"), growth_mb=_status_mb("VmHWM") - baseline, loader_samples_per_second=per_second,
+                train_steps=steps, train_seconds=train_seconds, loss=trainer.history["train"][-1]["loss"])
+
