@@ -27,7 +27,7 @@ from .zoo import count_params, gather_extra_planes, predict
 # %% auto #0
 __all__ = ['EDA_FILE', 'PRESETS', 'WEATHERDIFF_MODELS', 'NEEDS', 'corrected_spread_skill', 'rank_histogram', 'score_ensemble',
            'eda_spread_skill', 'ensemble_maps', 'trajectory_maps', 'trajectory_figure', 'ensemble_panel',
-           'resolve_sizes', 'run_weatherdiff_bench', 'weatherdiff_tables', 'weatherdiff_summary',
+           'resolve_sizes', 'run_weatherdiff_bench', 'weatherdiff_tables', 'weatherdiff_summary', 'weatherdiff_aims',
            'weatherdiff_description', 'weatherdiff_figures']
 
 # %% ../../nbs/3A_weather.ensemble_bench.ipynb #6c14bf33
@@ -163,8 +163,8 @@ def ensemble_panel(truth, ensembles: Mapping[str, torch.Tensor], lat, lon, *, va
 
 # %% ../../nbs/3A_weather.ensemble_bench.ipynb #6d4d5810
 PRESETS = {
-    "full": dict(train_stride=2, test_stride=2, members=8, steps=10, eta=1.0, det_epochs=4, ae_epochs=4, mae_epochs=4, latent_epochs=6,
-                 diffusion_epochs=8, batch_size=32, lr=1e-3, unet=dict(base_channels=16, depth=2),
+    "full": dict(train_stride=2, test_stride=2, members=8, steps=10, eta=1.0, det_epochs=4, ae_epochs=10, mae_epochs=4, latent_epochs=6,
+                 diffusion_epochs=8, batch_size=32, lr=1e-3, unet=dict(base_channels=16, depth=2), deep_cnn={},
                  kl_vae=dict(block_out_channels=(16, 32, 32), latent_channels=4, kl_weight=1e-4),
                  mae=dict(image_size=64, patch_size=8, hidden_size=64, depth=3, heads=4), rae=dict(decoder_dim=96, decoder_depth=2),
                  pixel_denoiser=dict(base_channels=16, depth=2), latent_denoiser=dict(base_channels=32, depth=2),
@@ -172,7 +172,7 @@ PRESETS = {
 }
 PRESETS["quick"] = dict(PRESETS["full"], train_stride=16, test_stride=32, members=4, steps=5, det_epochs=1, ae_epochs=1, mae_epochs=1,
                         latent_epochs=1, diffusion_epochs=2)
-WEATHERDIFF_MODELS = ("persistence", "unet", "latent_unet_kl_vae", "latent_unet_rae", "diff_pixel", "diff_pixel_residual",
+WEATHERDIFF_MODELS = ("persistence", "unet", "deep_cnn", "latent_unet_kl_vae", "latent_unet_rae", "diff_pixel", "diff_pixel_residual",
                       "diff_kl_vae", "diff_rae_dit")
 NEEDS = {"latent_unet_kl_vae": "kl_vae", "diff_kl_vae": "kl_vae", "latent_unet_rae": "rae", "diff_rae_dit": "rae"}
 
@@ -189,7 +189,7 @@ def _models(models) -> list[str]:
     names = list(WEATHERDIFF_MODELS) if models in (None, "all") else [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models)
     unknown = [m for m in names if m not in WEATHERDIFF_MODELS]
     if unknown: raise UsageError(f"unknown weatherdiff model(s) {unknown}; available: {list(WEATHERDIFF_MODELS)}")
-    if "diff_pixel_residual" in names and "unet" not in names:
+    if "diff_pixel_residual" in names and "unet" not in names:   # the residual model diffuses around the U-Net's forecast
         raise UsageError("diff_pixel_residual diffuses around the U-Net's forecast: include 'unet' in models")
     return names
 
@@ -263,9 +263,10 @@ def run_weatherdiff_bench(out=None, *, dataset: str = "toy", seeds: Sequence[int
     bar.close()
     records += [dict(r, model="ERA5 EDA", seed=None) for r in _eda_or_none(run)]
     tables = weatherdiff_tables(data)
-    res = run.results(f"WeatherDiff ensembles: {data.name}", records, tables,
-                      description=weatherdiff_description(data, s, names, len(train["x"]), len(test["x"]), sampler, schedule, parameterization, quick),
-                      summary=weatherdiff_summary(records, data))
+    summary = weatherdiff_summary(records, data)
+    description = weatherdiff_description(data, s, names, len(train["x"]), len(test["x"]), sampler, schedule, parameterization, quick)
+    res = run.results(f"WeatherDiff ensembles: {data.name}", records, tables, description=description + weatherdiff_aims(summary, records),
+                      summary=summary)
     if out is not None:
         write_results(res, out, f"weather_{data.name}_ens")
         if figures: _write_figures(weatherdiff_figures(res, ensembles, test, data, figs.get("trajectory")), data, Path(out) / f"weather_{data.name}_ens")
@@ -288,12 +289,13 @@ def _run_one(name, data, train, val, test, static, s, seed, dev, det, autoencode
     if name == "persistence":
         forecast = test["x_raw"][:, -1:].expand(-1, data.n_out, -1, -1, -1)
         return _det_records(data, forecast, test, "persistence", "deterministic", info)
-    if name == "unet":
-        result = fit_and_forecast("unet", data, train, val, test, epochs=s["det_epochs"], lr=s["lr"], batch_size=s["batch_size"],
-                                  seed=seed, device=dev, progress=progress, model_kwargs=s["unet"])
-        det["test"] = result["forecast"] - test["offset"]                                 # anomaly space
-        det["train"] = predict(result["model"], train["x"], train["extras"], device=dev).cpu()
-        return _det_records(data, result["forecast"], test, "unet", "deterministic", dict(params=result["params"], train_seconds=result["train_seconds"]))
+    if name in ("unet", "deep_cnn"):                                                     # the zoo's best on the toy set and on NCEP
+        result = fit_and_forecast(name, data, train, val, test, epochs=s["det_epochs"], lr=s["lr"], batch_size=s["batch_size"],
+                                  seed=seed, device=dev, progress=progress, model_kwargs=s[name])
+        if name == "unet":                                                               # the residual model diffuses around it
+            det["test"] = result["forecast"] - test["offset"]                             # anomaly space
+            det["train"] = predict(result["model"], train["x"], train["extras"], device=dev).cpu()
+        return _det_records(data, result["forecast"], test, name, "deterministic", dict(params=result["params"], train_seconds=result["train_seconds"]))
     kind = NEEDS.get(name)
     ae_records = []
     if kind is not None and kind not in autoencoders:
@@ -369,6 +371,22 @@ def weatherdiff_summary(records: list[dict], data: WeatherData) -> dict:
                       best_ensemble=best_ens, crps=mean(best_ens, "crps"), rmse_ensemble_mean=mean(best_ens, "rmse"),
                       spread_skill_corrected=mean(best_ens, "ssr_corrected"), crps_over_mae=mean(best_ens, "crps") / mean(best_det, "crps"))
     return dict(last_lead=out)
+
+def weatherdiff_aims(summary: dict, records: list[dict]) -> list[str]:
+    "The issue's aims at the last lead, each met or missed: CRPS ≤ 0.9 × the best deterministic MAE, corrected spread/skill in [0.85, 1.15], and reconstruction error well below (≤ ½ of) the best forecast RMSE."
+    verdict = lambda ok: "met" if ok else "missed"
+    lines = []
+    for v, b in summary.get("last_lead", {}).items():
+        ratio, ssr = b["crps_over_mae"], b["spread_skill_corrected"]
+        lines.append(f"Aim at +{b['lead_hours']} h, {v}: best ensemble `{b['best_ensemble']}` CRPS {b['crps']:.3f} = {ratio:.2f} × the MAE "
+                     f"{b['mae']:.3f} of the best deterministic model `{b['best_deterministic']}` (aim ≤ 0.90): {verdict(ratio <= 0.9)}; its "
+                     f"corrected spread/skill {ssr:.2f} (aim 0.85–1.15): {verdict(0.85 <= ssr <= 1.15)}.")
+        best_rmse = min(b["rmse_deterministic"], b["rmse_ensemble_mean"])
+        for ae in sorted({r["model"] for r in records if r.get("kind") == "autoencoder"}):
+            recon = float(np.mean([r["recon_rmse"] for r in records if r.get("kind") == "autoencoder" and r["model"] == ae and r["field"] == v]))
+            lines.append(f"Reconstruction, {v}: `{ae}` RMSE {recon:.3f} = {recon / best_rmse:.2f} × the best +{b['lead_hours']} h forecast "
+                         f"RMSE {best_rmse:.3f} (aim: well below, ≤ 0.5×): {verdict(recon <= 0.5 * best_rmse)}.")
+    return lines
 
 def weatherdiff_description(data, s, names, n_train, n_test, sampler, schedule, parameterization, quick) -> list[str]:
     H, W = data.grid_shape
