@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['in_test', 'quiet', 'progress', 'InputError', 'UsageError', 'DataError', 'seed_everything', 'seed_list', 'get_device',
-           'autocast_context', 'Registry', 'atomic_write', 'save_json', 'load_yaml', 'save_yaml', 'data_dir',
-           'cache_dir', 'shared_data_dir']
+           'autocast_context', 'reset_peak_memory', 'rss_mb', 'peak_memory_mb', 'Registry', 'atomic_write', 'save_json',
+           'load_yaml', 'save_yaml', 'data_dir', 'cache_dir', 'shared_data_dir']
 
 # %% ../nbs/00_core.ipynb #b2e6d35b
 def in_test() -> bool:
@@ -89,6 +89,33 @@ def autocast_context(device: str | torch.device, amp: str | None = "auto"):
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     if amp not in dtypes: raise UsageError(f"unknown amp mode {amp!r}; expected 'auto', 'bf16', 'fp16' or 'off'")
     return torch.autocast(device_type=dev.type, dtype=dtypes[amp])
+
+# %% ../nbs/00_core.ipynb #cfb3c506
+def _proc_status_mb(field: str) -> float:
+    "A memory figure of this process from /proc/self/status (Linux), in MB."
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"): return int(line.split()[1]) / 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+def reset_peak_memory(device: str | torch.device | None = None) -> bool:
+    "Start a new peak-memory measurement (CUDA's counter, or the kernel's peak-RSS mark); False when it cannot be reset."
+    if device is not None and torch.device(device).type == "cuda": torch.cuda.reset_peak_memory_stats(device); return True
+    try: Path("/proc/self/clear_refs").write_text("5"); return True
+    except OSError: return False
+
+def rss_mb() -> float:
+    "The resident memory of this process now, in MB (Linux; the peak so far elsewhere)."
+    try: return _proc_status_mb("VmRSS")
+    except OSError: return peak_memory_mb()
+
+def peak_memory_mb(device: str | torch.device | None = None) -> float:
+    "Peak memory since the last `reset_peak_memory`, in MB: CUDA max allocated on a GPU, else the peak RSS."
+    if device is not None and torch.device(device).type == "cuda": return torch.cuda.max_memory_allocated(device) / 2**20
+    try: return _proc_status_mb("VmHWM")
+    except OSError:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if os.uname().sysname == "Linux" else 2**20)
+
 
 # %% ../nbs/00_core.ipynb #ef2fc2c4
 class Registry(dict):

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import os
-import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..bench import evaluate_forecaster
-from ..core import UsageError, get_device, progress as progress_bar, seed_everything, seed_list, shared_data_dir
-from ..data.ett import TimeSeriesData, load_any
+from ..core import UsageError, get_device, peak_memory_mb, reset_peak_memory, progress as progress_bar, seed_everything, seed_list, shared_data_dir
+from ..data.ett import load_any
 from ..models.forecasters import window_dataset
 from ..results import Run, column, table, write_results
 from .model import TimeLLMFlowForecaster, TimeLLMForecaster
@@ -101,11 +101,6 @@ VARIANTS = {"timellm": "Time-LLM", "no_lm": "no LM", "random_lm": "random LM", "
 QUICK = dict(max_steps=2, batch_size=4, train_stride=256, val_stride=512, test_stride=256, n_samples=8, flow_steps=2,
              n_prototypes=32, llm_layers=1)
 
-def _peak_memory_mb(device: torch.device) -> float:
-    "Peak memory so far: CUDA max allocated, else the process's maximum resident set (a high-water mark over the whole run)."
-    if device.type == "cuda": return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 def _lm_specs(lms) -> dict:
     "{label: lm} from ('smollm2', 'minilm') or a mapping label → LOCAL_LMS name or model path."
     if isinstance(lms, str): lms = [s.strip() for s in lms.split(",") if s.strip()]
@@ -164,13 +159,14 @@ def run_timellm_bench(out: str | os.PathLike | None = None, *, dataset: str = "E
         for L, label, v, seed in progress_bar(plan, desc="timellm rows", disable=None if progress else True):
             name = f"{VARIANTS[v]} ({label})"
             try:
+                reset_peak_memory(dev)
                 model = _build(v, data, specs[label], seq_len=L, pred_len=pred_len, seed=seed, o=o)
                 seed_everything(seed)
                 t0 = time.perf_counter(); model.fit(data.split_values("train")); train_seconds = time.perf_counter() - t0
                 recs = evaluate_forecaster(model, data, seq_len=L, pred_len=pred_len, n_samples=o["n_samples"] if v == "flow" else 1,
                                            test_stride=o["test_stride"], seed=seed)
                 extra = dict(model=name, lm=label, variant=v, seq_len=L, seed=seed, llm_layers=o["llm_layers"], train_seconds=train_seconds,
-                             peak_memory_mb=_peak_memory_mb(dev), **model.n_parameters)
+                             peak_memory_mb=peak_memory_mb(dev), **model.n_parameters)
                 records += [{**r, **extra} for r in recs]
             except Exception as e:
                 if isinstance(e, UsageError): raise
@@ -209,8 +205,8 @@ def _description(data, o: dict, specs: dict, records: list, quick: bool) -> list
                 "TSLib uses all, so these are estimates of the TSLib numbers, not TSLib numbers)")
              + ". ProbTS CRPS / NMAE / cov90: original scale, rolling windows at stride = horizon. Point forecasts have CRPS = NMAE and zero-width intervals.",
              "trainable / frozen: parameter counts (the prototype map V × S dominates the trainable ones, the LM the frozen ones; the no-LM row "
-             "keeps only the frozen vocabulary table). peak MB: the process's maximum resident memory so far (a running high-water mark "
-             "on CPU, so it never falls from row to row), CUDA max allocated on GPU.",
+             "keeps only the frozen vocabulary table). peak MB: the row's peak memory from building the model to scoring it (the process's peak "
+             "resident set, its kernel mark reset before each row; CUDA max allocated on GPU).",
              "The original's published ETTh1-96 result, MSE 0.362 / MAE 0.392 (Jin et al. 2024, Table 1), used look-back 512, LLaMA-7B with "
              "32 layers, 1000 prototypes, many epochs on 8 A100 GPUs and a test loader that drops the last incomplete batch; it is shown "
              "beside the look-back-512 rows (when run) for orientation, without any claim of parity."]

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core import DataError, UsageError, shared_data_dir
+from ..core import DataError, UsageError, peak_memory_mb, reset_peak_memory, rss_mb, shared_data_dir
 
 # %% auto #0
 __all__ = ['COORD_ALIASES', 'EXPECTED_UNITS', 'WEATHERBENCH_SPLITS', 'NCEP_SPLITS', 'DAYS_IN_YEAR', 'EARTH_RADIUS', 'GRAVITY',
@@ -621,18 +621,6 @@ def write_toy_zarr(path, n_blocks: int, *, block_steps: int = 2920, n_lat: int =
         else: ds.drop_vars(["lat", "lon", "level"]).to_zarr(path, append_dim="time")
     return path
 
-def _status_mb(field: str) -> float:
-    "A memory figure of this process from /proc/self/status (Linux), in MB."
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"): return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-def _reset_peak_rss() -> float:
-    "Reset the kernel's peak-RSS mark (VmHWM) to the current RSS and return it (MB): what follows is measured alone."
-    try: Path("/proc/self/clear_refs").write_text("5")
-    except OSError as e: raise RuntimeError(f"cannot reset the peak RSS (/proc/self/clear_refs, Linux ≥ 4.0 only): {e}") from e
-    return _status_mb("VmRSS")
-
 def stream_train(store, splits: dict, *, steps: int = 20, batch_size: int = 8, loader_samples: int = 128, seed: int = 0) -> dict:
     "Open `store` lazily, fit normaliser and climatology, time the window loader, train the zoo CNN `steps` steps; sizes in MB."
     import time
@@ -641,7 +629,8 @@ def stream_train(store, splits: dict, *, steps: int = 20, batch_size: int = 8, l
     from tsdiffbench.weather.zoo import window_mse_loss
     import zarr, dask.array  # noqa: F401
     _xarray(); model_class = zoo_registry()["cnn"]                                       # imports done: the baseline is the process itself
-    baseline = _reset_peak_rss()
+    if not reset_peak_memory(): raise RuntimeError("stream_train measures memory from a reset peak-RSS mark: Linux ≥ 4.0 only")
+    baseline = rss_mb()
     data = load_weather(str(store), variables=["t2m", "z500"], splits=splits)
     train = data.windows("train")
     gen = torch.Generator().manual_seed(seed)
@@ -656,6 +645,6 @@ def stream_train(store, splits: dict, *, steps: int = 20, batch_size: int = 8, l
     trainer = Trainer(model, lambda m, batch: window_mse_loss(m, (*batch, {})), config)
     t0 = time.perf_counter(); trainer.fit(train); train_seconds = time.perf_counter() - t0
     return dict(store_mb=float(data.fields.nbytes) / 2**20, time_steps=len(data.times), train_windows=len(train),
-                baseline_mb=baseline, peak_mb=_status_mb("VmHWM"), growth_mb=_status_mb("VmHWM") - baseline, loader_samples_per_second=per_second,
+                baseline_mb=baseline, peak_mb=peak_memory_mb(), growth_mb=peak_memory_mb() - baseline, loader_samples_per_second=per_second,
                 train_steps=steps, train_seconds=train_seconds, loss=trainer.history["train"][-1]["loss"])
 

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import math
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -15,8 +14,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from ..core import DataError, UsageError, get_device, progress as progress_bar, seed_everything, seed_list, shared_data_dir
-from ..metrics.weather import lat_weights, weighted_crps, weighted_spread_skill
+from ..core import DataError, UsageError, get_device, peak_memory_mb, reset_peak_memory, progress as progress_bar, seed_everything, seed_list, shared_data_dir
+from ..metrics.weather import weighted_crps, weighted_spread_skill
 from ..results import Run, column, table, write_results
 from .autoencoders import KLVAE, RAE, fit_autoencoder, pretrain_mae, reconstruction_rmse
 from .bench import fit_and_forecast, lead_hours, model_inputs, score_forecast
@@ -194,11 +193,6 @@ def _models(models) -> list[str]:
     return names
 
 # %% ../../nbs/3A_weather.ensemble_bench.ipynb #81b797d8
-def _peak_memory_mb(device) -> float:
-    "Peak memory of this process: CUDA allocations on a GPU, else the resident set size."
-    if str(device).startswith("cuda") and torch.cuda.is_available(): return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 def _frames(split: dict) -> torch.Tensor:
     "Distinct-ish training frames (n, C, H, W) of a split: the last input and last output frame of each window."
     return torch.cat([split["x"][:, -1], split["y"][:, -1]])
@@ -251,14 +245,14 @@ def run_weatherdiff_bench(out=None, *, dataset: str = "toy", seeds: Sequence[int
         autoencoders = {}
         for name in names:
             bar.update(1)
-            t0 = time.perf_counter()
+            t0 = time.perf_counter(); reset_peak_memory(dev)
             try:
                 recs = _run_one(name, data, train, val, test, static, s, seed, dev, det, autoencoders, records, scratch.name,
                                 schedule, parameterization, sample_kw, ensembles if (return_ensembles or figures) else None, figs,
                                 base=base, progress=progress)
             except Exception as e:
                 run.fail(name, e, seed=seed); continue
-            for r in recs: r.update(wall_seconds=time.perf_counter() - t0, peak_memory_mb=_peak_memory_mb(dev), **base)
+            for r in recs: r.update(wall_seconds=time.perf_counter() - t0, peak_memory_mb=peak_memory_mb(dev), **base)
             records += recs
     bar.close()
     records += [dict(r, model="ERA5 EDA", seed=None) for r in _eda_or_none(run)]
