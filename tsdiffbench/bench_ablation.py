@@ -207,7 +207,7 @@ def run_ablation(out=None, *, dataset: str = "ETTh1", rows=None, seeds=(0, 1, 2)
                  n_samples: int | None = None, seq_len: int | None = None, pred_len: int | None = None, data_dir=None,
                  download: bool = False, resume: bool = True, threads: int = 2, base_options: dict | None = None,
                  command: str | None = None, figure: bool = True, settings: dict | None = None) -> dict:
-    "Train and score every ablation row for every seed; write ablation_<dataset>.{json,md,png} (+ .partial.json) into `out`."
+    "Train and score every ablation row for every seed; write ablation_<dataset>.{json,md,png} (+ partial/….partial.json) into `out`."
     q = QUICK if quick else {}
     pick = lambda given, name, default: given if given is not None else q.get(name, default)   # None: the (quick) default
     budget = pick(budget_steps, "budget_steps", DEFAULT_BUDGET_STEPS)
@@ -224,7 +224,7 @@ def run_ablation(out=None, *, dataset: str = "ETTh1", rows=None, seeds=(0, 1, 2)
     primary = PRIMARY["synthetic" if synthetic else "real"]
     common = {**q.get("base_options", {}), **(base_options or {}), "max_steps": budget, "epochs": None, "patience": None, "steps": steps}
     stem = f"ablation_{data.name}"
-    partial = Path(out) / f"{stem}.partial.json" if out is not None else None
+    partial = Path(out) / "partial" / f"{stem}.partial.json" if out is not None else None
     done = {(r["row"], r["seed"]): r for r in (load_partial(partial) if resume and partial is not None else [])}
     resolved = dict(dataset=dataset, rows=planned, seeds=seeds, quick=quick, budget_steps=budget, best_budget_steps=best_budget,
                     steps=steps, n_samples=n_samples, seq_len=seq_len, pred_len=pred_len, threads=threads, base_options=common, resume=resume)

@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the base forecaster (diffusion: DiT-S, v-prediction, end to end) and one row per change (parameterization, "
                     "denoiser, training, curricula, flow variants, time-series losses, CRPS fine-tuning, min-SNR, conditioning "
                     "levels, calibration) plus the best combination, each for a fixed step budget and every seed; write "
-                    "ablation_<dataset>.{json,md,png}. Resumable: finished (row, seed) records are kept in a .partial.json in --out.")
+                    "ablation_<dataset>.{json,md,png}. Resumable: finished (row, seed) records are kept in --out/partial/ablation_<dataset>.partial.json.")
     _add_data_args(ab, "ETTh1", lengths=False)
     ab.add_argument("--rows", default=None, help="comma-separated rows (default: all)")
     ab.add_argument("--budget-steps", type=_POSITIVE, default=None, help="optimizer steps of every row (default 1000)")
