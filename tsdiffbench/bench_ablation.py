@@ -31,6 +31,7 @@ __all__ = ['ABLATION_ROWS', 'CALIBRATION_KEYS', 'SCORE_FIELDS', 'EFFECT_METRICS'
 ABLATION_ROWS = {   # name: (reference row, options on top of the base, what changes)
     "base": (None, {}, "today's diffusion: DiT-S, v-prediction, cosine, DDIM, end-to-end with the α curriculum"),
     "eps": ("base", {"parameterization": "eps", "schedule": "linear"}, "ε-prediction (linear schedule)"),
+    "eps_clip": ("eps", {"parameterization": "eps", "schedule": "linear", "clamp": 10.0}, "ε-prediction with x̂₀ clipped to ±10"),
     "x0": ("base", {"parameterization": "x0"}, "x₀-prediction"),
     "flow": ("base", {"parameterization": "flow", "schedule": "flow", "sampler": "euler"}, "plain flow matching, Euler"),
     "flow_conditional": ("flow", {"parameterization": "flow", "schedule": "flow", "sampler": "euler", "target": "residual"},

@@ -161,8 +161,10 @@ def render_table(records: list, spec: dict) -> list[str]:
     if legend: lines += ["", "Columns — " + "; ".join(legend) + "."]
     if spec.get("best") in labels:                                  # a ratio's reference row (the oracle) is the floor, not a competitor
         refs = {c["ratio_to"] for c in cols if c.get("ratio_to") is not None}
-        lines += ["", spread_verdict(spec["best"], {r: stats[r][labels.index(spec["best"])] for r in rows if r not in refs})
-                  + (f" ({', '.join(sorted(refs))}, the reference of the ratios, is not ranked.)" if refs & set(rows) else "")]
+        quoted = {r for r in rows if all(x.get("seed") is None for x in records if x.get(spec["index"]) == r and _matches(x, spec.get("where")))}
+        lines += ["", spread_verdict(spec["best"], {r: stats[r][labels.index(spec["best"])] for r in rows if r not in refs | quoted})
+                  + (f" ({', '.join(sorted(refs))}, the reference of the ratios, is not ranked.)" if refs & set(rows) else "")
+                  + (f" ({', '.join(sorted(quoted))}: quoted, not run here (no seed), so not ranked.)" if quoted else "")]
     return lines + [""]
 
 def spread_verdict(label: str, stats: dict) -> str:

@@ -142,7 +142,7 @@ class DiffusionForecaster(Forecaster):
                  sigma_min: float = 0.0, loss_fft: float = 0.0, fft_phase: float = 0.5, loss_decomp: float = 0.0,
                  decomp_kernel: int = 25, loss_corr: float = 0.0, crps_finetune_steps: int = 0, crps_members: int = 8,
                  crps_sampler_steps: int = 2, crps_lr: float = 1e-4, crps_batch_size: int = 32, conditioning: str | None = None,
-                 calibrate_fair: bool = False):
+                 calibrate_fair: bool = False, clamp: float | None = None):
         _check_choice("parameterization", parameterization, parameterizations)
         _check_choice("sampler", sampler, samplers)
         _check_choice("denoiser", denoiser, DENOISERS)
@@ -159,6 +159,9 @@ class DiffusionForecaster(Forecaster):
         _check_choice("loss weighting", weighting, loss_weightings)
         if calibrate not in (False, True, "noise", "full"):
             raise ValueError(f"calibrate must be False, True (= 'noise': the initial-noise scale) or 'full' (noise scale + quantile map), got {calibrate!r}")
+        if clamp is not None and (isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not clamp > 0):
+            raise ValueError(f"clamp must be a positive number (x̂0 is clipped to ±clamp in target units) or None, got {clamp!r}")
+        self.clamp = clamp
         if sigma_min:
             if parameterization != "flow" or schedule != "flow": raise ValueError("sigma_min applies to flow matching only: use parameterization='flow', schedule='flow'")
             self.schedule = MinSigmaFlowSchedule("flow", sigma_min=sigma_min)
@@ -257,7 +260,7 @@ class DiffusionForecaster(Forecaster):
             cond, y_det, stats = self.net.condition(x)
             out = sample(self.net.denoiser, (x.shape[0], self.pred_len, x.shape[2]), cond, sampler=sampler,
                          steps=steps or self.steps, n_samples=n_samples, parameterization=self.parameterization,
-                         schedule=self.schedule, eta=self.eta if sampler == "ddim" else 0.0,
+                         schedule=self.schedule, eta=self.eta if sampler == "ddim" else 0.0, clamp=self.clamp,
                          generator=self._device_generator(generator), chunk_size=self.chunk_size,
                          init_scale=self.init_scale if init_scale is None else init_scale, dtype=torch.float32,
                          device=self.device, return_trajectory=return_trajectory)
@@ -364,7 +367,7 @@ def differentiable_ensemble(self: DiffusionForecaster, net: DiffusionNet, histor
     points = grid_points(self.schedule, steps, derivatives=param.needs_derivatives)
     x = self.init_scale * torch.randn((n_samples, B, self.pred_len, N), generator=generator, device=history.device)
     options = {"eta": self.eta} if self.sampler == "ddim" else {}
-    x, _, _ = run_sampler(samplers[self.sampler], Denoiser(net.denoiser, param, cond), x.flatten(0, 1), points, generator=generator, **options)
+    x, _, _ = run_sampler(samplers[self.sampler], Denoiser(net.denoiser, param, cond, clamp=self.clamp), x.flatten(0, 1), points, generator=generator, **options)
     return net.from_target(x.unflatten(0, (n_samples, B)).float(), y_det.float(), stats)
 
 @patch
