@@ -19,7 +19,7 @@ from ..core import UsageError, get_device, peak_memory_mb, reset_peak_memory, pr
 from ..data.ett import load_any
 from ..models.forecasters import window_dataset
 from ..results import Run, column, table, write_results
-from .model import TimeLLMFlowForecaster, TimeLLMForecaster
+from .model import LOCAL_LMS, TimeLLMFlowForecaster, TimeLLMForecaster
 
 # %% auto #0
 __all__ = ['TWO_PROCESS_SCRIPT', 'PUBLISHED', 'VARIANTS', 'QUICK', 'accelerate_fit', 'fit_accelerate', 'run_data_parallel',
@@ -192,15 +192,21 @@ def _summary(records: list) -> dict:
         summary[key] = m
     return summary
 
+def _lm_label(spec) -> str:
+    "A language model as the description names it: a LOCAL_LMS name with its wheel and file, anything else as given."
+    if str(spec) not in LOCAL_LMS: return str(spec)
+    pip_name, _, _, gguf_file = LOCAL_LMS[str(spec)]
+    return f"{spec} (wheel {pip_name}, {gguf_file or 'safetensors'})"
+
 def _description(data, o: dict, specs: dict, records: list, quick: bool) -> list[str]:
     "The description lines of the results file."
     n_t = next((r["n_windows"] for r in records if r.get("protocol") == "tslib" and r.get("n_windows")), "–")
     lines = [f"Data {data.name}, features M ({data.n_variates} variates), TSLib split and train-fitted scaler. Language models: "
-             + ", ".join(f"{k} = {v}" for k, v in specs.items()) + f", truncated to their first {o['llm_layers']} layers, frozen. "
+             + ", ".join(f"{k} = {_lm_label(v)}" for k, v in specs.items()) + f", truncated to their first {o['llm_layers']} layers, frozen. "
              f"Time-LLM: patches 16 / stride 8, d_model 16, d_ff 32, 8 heads, {o['n_prototypes']} text prototypes, RevIN, prompt-as-prefix "
              "(description, horizons, min/max/median/trend/top-5 FFT lags). Trained with AdamW (cosine schedule) for "
              f"{o['max_steps']} steps of {o['batch_size']} windows (train windows at stride {o['train_stride']}), no early stopping; amp {o['amp']}.",
-             f"MSE, MAE, CRPS (ens.): TSLib protocol on the standardised scale, MSE of the ensemble mean and MAE of its median, over "
+             "MSE, MAE, CRPS (ens.): TSLib protocol on the standardised scale, MSE of the ensemble mean and MAE of its median, over "
              + ("all stride-1 test windows" if o["test_stride"] == 1 else f"every {o['test_stride']}-th test window only ({n_t} windows; "
                 "TSLib uses all, so these are estimates of the TSLib numbers, not TSLib numbers)")
              + ". ProbTS CRPS / NMAE / cov90: original scale, rolling windows at stride = horizon. Point forecasts have CRPS = NMAE and zero-width intervals.",

@@ -57,7 +57,6 @@ def _check_monotonic(values: np.ndarray, name: str) -> int:
 
 def standardize_coords(ds):
     "Rename coordinates to time/lat/lon/level, check lat/lon (1-D, strictly monotonic, |lat| ≤ 90) and make both ascending."
-    xr = _xarray()
     ds = ds.rename({k: v for k, v in COORD_ALIASES.items() if k in ds.variables and v not in ds.variables})
     for name in ("time", "lat", "lon"):
         if name not in ds.coords: raise DataError(f"no {name!r} coordinate; found coordinates {sorted(ds.coords)} "
